@@ -1,0 +1,306 @@
+"""Study files: TOML in, frozen dataclasses out, validated before anything trains or touches storage.
+
+Every error names the file, the table and the key, and echoes the bad value.  The sections and
+keys are documented in the README ("Study files"); each section is one dataclass below, and a key
+is accepted only if it is a field of that dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from hpo.errors import SpecError
+from hpo.space import SearchSpace, parse_space
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+def check_device(device: str) -> str | None:
+    """Return a problem with a device string, or None; shared by the study file and ``--device``."""
+    if _DEVICE.match(device):
+        return None
+    return f"must be auto, cpu, cuda, cuda:N or mps, got {device!r}"
+
+
+@dataclass(frozen=True)
+class StudySection:
+    name: str
+    # The objective: best validation loss (minimize) or best validation accuracy (maximize).
+    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    direction: Literal["minimize", "maximize"] | None = None
+    # Seeds the sampler and every trial's seed (trial seed = f(seed, trial number)).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("name must not be empty")
+        expected = "minimize" if self.metric == "val_loss" else "maximize"
+        if self.direction is None:
+            object.__setattr__(self, "direction", expected)
+        elif self.direction != expected:
+            raise ValueError(
+                f"direction {self.direction!r} does not fit metric {self.metric!r} (expected {expected!r})"
+            )
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dataset: Literal["cifar10", "image_folder"] = "cifar10"
+    # Folder torchvision downloads into, a folder with train/<class>/ and test/<class>/ images,
+    # or a .tar.gz of such a folder. Relative paths are relative to the working directory.
+    data_dir: str = "data"
+    # Share of the training set held out for validation (model selection); the test set is
+    # never used by a search.
+    val_fraction: float = 0.1
+    # Random subsets of the training and validation parts (None: all of it), for quick studies.
+    train_subset: int | None = None
+    val_subset: int | None = None
+    # Side in pixels that image-folder images are resized to (CIFAR-10 is 32 already).
+    image_size: int = 32
+    # Seeds the train/validation split; the same for every trial so that trials are comparable.
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        for key in ("train_subset", "val_subset"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value!r}")
+        if not 8 <= self.image_size <= 512:
+            raise ValueError(f"image_size must be from 8 to 512, got {self.image_size!r}")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    max_epochs: int = 10
+    device: str = "auto"
+    # Random crop (4 px padding) and horizontal flip of training images, on the device.
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs!r}")
+        problem = check_device(self.device)
+        if problem:
+            raise ValueError(f"device {problem}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: Literal["cnn"] = "cnn"
+
+
+@dataclass(frozen=True)
+class TpeSamplerSpec:
+    # Stated explicitly: defaults differ between Optuna 4 and 5.
+    n_startup_trials: int = 10
+    multivariate: bool = True
+    constant_liar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_startup_trials < 0:
+            raise ValueError(f"n_startup_trials must be >= 0, got {self.n_startup_trials!r}")
+
+
+@dataclass(frozen=True)
+class RandomSamplerSpec:
+    pass
+
+
+@dataclass(frozen=True)
+class MedianPrunerSpec:
+    # Trials that finish before any pruning happens, epochs before a trial may be pruned,
+    # and how often (in epochs) the check runs.
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+
+    def __post_init__(self) -> None:
+        _at_least(self, n_startup_trials=0, n_warmup_steps=0, interval_steps=1)
+
+
+@dataclass(frozen=True)
+class SuccessiveHalvingPrunerSpec:
+    # None lets Optuna estimate min_resource from the first finished trial ("auto").
+    min_resource: int | None = None
+    reduction_factor: int = 4
+    min_early_stopping_rate: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self, min_resource=1, reduction_factor=2, min_early_stopping_rate=0)
+
+
+@dataclass(frozen=True)
+class HyperbandPrunerSpec:
+    # Epochs; max_resource None means the study's max_epochs.
+    min_resource: int = 1
+    max_resource: int | None = None
+    reduction_factor: int = 3
+
+    def __post_init__(self) -> None:
+        _at_least(self, min_resource=1, max_resource=1, reduction_factor=2)
+
+
+@dataclass(frozen=True)
+class NopPrunerSpec:
+    pass
+
+
+SamplerSpec = Union[TpeSamplerSpec, RandomSamplerSpec]
+PrunerSpec = Union[MedianPrunerSpec, SuccessiveHalvingPrunerSpec, HyperbandPrunerSpec, NopPrunerSpec]
+
+SAMPLERS: Mapping[str, type] = {"tpe": TpeSamplerSpec, "random": RandomSamplerSpec}
+PRUNERS: Mapping[str, type] = {
+    "median": MedianPrunerSpec,
+    "successive_halving": SuccessiveHalvingPrunerSpec,
+    "hyperband": HyperbandPrunerSpec,
+    "none": NopPrunerSpec,
+}
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A whole study file."""
+
+    path: Path
+    study: StudySection
+    data: DataSection
+    train: TrainSection
+    model: ModelSection
+    sampler: SamplerSpec
+    pruner: PrunerSpec
+    space: SearchSpace
+
+
+def _at_least(section: object, **minimum: int) -> None:
+    for key, low in minimum.items():
+        value = getattr(section, key)
+        if value is not None and value < low:
+            raise ValueError(f"{key} must be >= {low}, got {value!r}")
+
+
+def _matches(value: object, annotation: Any) -> bool:
+    """Whether a TOML value fits a field annotation (bool is never taken for int or float)."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return annotation is bool
+    if annotation is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        annotation, annotation.__name__
+    )
+
+
+def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
+    """Make dataclass ``cls`` from a TOML table: unknown keys, wrong types and bad values raise."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key, value in table.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise SpecError(f"{where}: unknown key {key!r} (known keys: {known})")
+        if not _matches(value, hints[key]):
+            raise SpecError(f"{where}: {key} must be {_describe(hints[key])}, got {value!r}")
+    values = {key: float(v) if hints[key] is float else v for key, v in table.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required key is missing
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in table]
+        raise SpecError(f"{where}: missing key {missing[0]!r}") from exc
+    except ValueError as exc:
+        raise SpecError(f"{where}: {exc}") from exc
+
+
+def _typed_section(registry: Mapping[str, type], table: Mapping[str, Any], where: str) -> Any:
+    kind = table.get("type")
+    if kind not in registry:
+        raise SpecError(f"{where}: type must be one of {', '.join(registry)}, got {kind!r}")
+    options = {k: v for k, v in table.items() if k != "type"}
+    return _build(registry[kind], options, f"{where} (type {kind!r})")
+
+
+_SECTIONS = ("study", "data", "train", "model", "sampler", "pruner", "space")
+
+
+def load_spec(path: Path) -> StudySpec:
+    """Read and validate a study file; every problem raises SpecError naming the file and key."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read study file: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: invalid TOML: {exc}") from exc
+    for key, value in raw.items():
+        if key not in _SECTIONS:
+            raise SpecError(f"{path}: unknown table [{key}] (known tables: {', '.join(_SECTIONS)})")
+        if not isinstance(value, dict):
+            raise SpecError(f"{path}: {key} must be a table [{key}], got {value!r}")
+    study_table = dict(raw.get("study", {}))
+    study_table.setdefault("name", path.stem)
+    train = _build(TrainSection, raw.get("train", {}), f"{path}: [train]")
+    pruner = _typed_section(PRUNERS, {"type": "median", **raw.get("pruner", {})}, f"{path}: [pruner]")
+    if isinstance(pruner, HyperbandPrunerSpec) and pruner.max_resource is None:
+        pruner = dataclasses.replace(pruner, max_resource=train.max_epochs)
+    try:
+        space = parse_space(raw.get("space", {}))
+    except ValueError as exc:
+        raise SpecError(f"{path}: [space] {exc}") from exc
+    return StudySpec(
+        path=path,
+        study=_build(StudySection, study_table, f"{path}: [study]"),
+        data=_build(DataSection, raw.get("data", {}), f"{path}: [data]"),
+        train=train,
+        model=_build(ModelSection, raw.get("model", {}), f"{path}: [model]"),
+        sampler=_typed_section(SAMPLERS, {"type": "tpe", **raw.get("sampler", {})}, f"{path}: [sampler]"),
+        pruner=pruner,
+        space=space,
+    )
+
+
+def studies_dirs() -> tuple[Path, ...]:
+    """Where ``--study NAME`` looks: ./studies, then the studies/ folder shipped beside the package."""
+    shipped = Path(__file__).resolve().parent.parent / "studies"
+    local = Path("studies").resolve()
+    return (local,) if local == shipped else (local, shipped)
+
+
+def find_study(name_or_path: str) -> Path:
+    """Resolve ``--study``: a path to a .toml file, or a name looked up in the studies folders."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or candidate.is_file():
+        if not candidate.is_file():
+            raise SpecError(f"--study: no such study file: {name_or_path}")
+        return candidate
+    for folder in studies_dirs():
+        path = folder / f"{name_or_path}.toml"
+        if path.is_file():
+            return path
+    available = sorted({p.stem for folder in studies_dirs() if folder.is_dir() for p in folder.glob("*.toml")})
+    looked = ", ".join(str(d) for d in studies_dirs())
+    raise SpecError(
+        f"--study: unknown study {name_or_path!r}; available: {', '.join(available) or 'none'} (looked in {looked})"
+    )

@@ -1,0 +1,180 @@
+"""Storage URL → Optuna storage; study file → sampler, pruner and the study itself."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import URL, make_url
+
+from hpo.errors import StorageError
+from hpo.spec import (
+    HyperbandPrunerSpec,
+    MedianPrunerSpec,
+    NopPrunerSpec,
+    RandomSamplerSpec,
+    StudySpec,
+    SuccessiveHalvingPrunerSpec,
+    TpeSamplerSpec,
+)
+
+logger = logging.getLogger(__name__)
+
+# One file holds many studies, which is what optuna-dashboard expects to be pointed at.
+DEFAULT_STORAGE = "sqlite:///hpo.db"
+# Seconds a client waits for a database connection before giving up with a clear error.
+CONNECT_TIMEOUT_S = 10
+# Trials finished for the budget: a pruned trial is a finished search decision too.
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def resolve_storage(flag: str | None) -> tuple[str, str]:
+    """(url, where it came from): ``--storage``, else ``$HPO_STORAGE``, else the SQLite default."""
+    if flag:
+        return flag, "--storage"
+    if os.environ.get("HPO_STORAGE"):
+        return os.environ["HPO_STORAGE"], "HPO_STORAGE"
+    return DEFAULT_STORAGE, "default storage"
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return "<unparseable URL>"
+
+
+def _parse(url: str, source: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise StorageError(f"{source}: cannot parse storage URL {url!r} (expected e.g. sqlite:///hpo.db)") from exc
+    try:
+        parsed.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError as exc:
+        raise StorageError(f"{source}: unknown database in storage URL {redact(url)!r}") from exc
+    except ImportError as exc:
+        raise StorageError(f"{source}: the driver for {redact(url)!r} is not installed ({exc.name})") from exc
+    return parsed
+
+
+def engine_kwargs(url: URL) -> dict[str, Any]:
+    """Engine settings per backend: a long busy timeout for SQLite, checked and recycled pools elsewhere."""
+    if url.get_backend_name() == "sqlite":
+        # Seconds a writer waits for a lock instead of failing with "database is locked".
+        return {"connect_args": {"timeout": 60}}
+    kwargs: dict[str, Any] = {
+        "pool_pre_ping": True,  # a connection dropped while idle is replaced, not used
+        "pool_recycle": 300,  # seconds; below the usual server and proxy idle timeouts
+        "pool_size": 2,  # one worker process uses one connection at a time
+        "max_overflow": 2,
+    }
+    driver = url.get_driver_name()
+    if driver in ("psycopg2", "pymysql", "mysqldb"):
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return kwargs
+
+
+def check_storage(url: str, source: str) -> None:
+    """Fail early, writing nothing, if the URL is malformed or its database can't be reached."""
+    parsed = _parse(url, source)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not Path(database).expanduser().resolve().parent.is_dir():
+            raise StorageError(f"{source}: folder of SQLite file {database!r} does not exist")
+        return
+    engine = sqlalchemy.create_engine(parsed, **engine_kwargs(parsed))
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()
+        raise StorageError(
+            f"{source}: cannot connect to {redact(url)}: {reason[0] if reason else type(exc).__name__}"
+        ) from exc
+    finally:
+        engine.dispose()
+
+
+def open_storage(url: str, source: str) -> optuna.storages.RDBStorage:
+    parsed = _parse(url, source)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(parsed))
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise StorageError(f"{source}: cannot open {redact(url)}: {str(exc).splitlines()[0]}") from exc
+
+
+def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
+    sampler = spec.sampler
+    if isinstance(sampler, TpeSamplerSpec):
+        return optuna.samplers.TPESampler(
+            n_startup_trials=sampler.n_startup_trials,
+            multivariate=sampler.multivariate,
+            constant_liar=sampler.constant_liar,
+            seed=seed,
+        )
+    assert isinstance(sampler, RandomSamplerSpec)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    pruner = spec.pruner
+    if isinstance(pruner, MedianPrunerSpec):
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=pruner.n_startup_trials,
+            n_warmup_steps=pruner.n_warmup_steps,
+            interval_steps=pruner.interval_steps,
+        )
+    if isinstance(pruner, SuccessiveHalvingPrunerSpec):
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource="auto" if pruner.min_resource is None else pruner.min_resource,
+            reduction_factor=pruner.reduction_factor,
+            min_early_stopping_rate=pruner.min_early_stopping_rate,
+        )
+    if isinstance(pruner, HyperbandPrunerSpec):
+        return optuna.pruners.HyperbandPruner(
+            min_resource=pruner.min_resource,
+            max_resource=pruner.max_resource if pruner.max_resource is not None else spec.train.max_epochs,
+            reduction_factor=pruner.reduction_factor,
+        )
+    assert isinstance(pruner, NopPrunerSpec)
+    return optuna.pruners.NopPruner()
+
+
+def existing_direction(storage: optuna.storages.BaseStorage, name: str) -> str | None:
+    """The direction of an existing study of that name, or None when there is none."""
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if summary.study_name == name:
+            return summary.direction.name.lower()
+    return None
+
+
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, seed: int) -> optuna.Study:
+    """Create the study, or resume it when one of that name already exists."""
+    direction = spec.study.direction
+    assert direction is not None
+    found = existing_direction(storage, spec.study.name)
+    if found is not None and found != direction:
+        raise StorageError(
+            f"{spec.path}: [study] study {spec.study.name!r} already exists with direction {found!r}, "
+            f"not {direction!r}; choose another name (--study-name)"
+        )
+    study = optuna.create_study(
+        storage=storage,
+        study_name=spec.study.name,
+        direction=direction,
+        sampler=create_sampler(spec, seed),
+        pruner=create_pruner(spec),
+        load_if_exists=True,
+    )
+    study.set_metric_names([spec.study.metric])
+    return study
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))

@@ -1,0 +1,151 @@
+"""THE training loop: ``fit(model, data, config, on_epoch_end) -> FitResult``. It knows nothing of Optuna.
+
+Data stays on the device; each step gathers, augments and normalizes its batch there.  Losses and
+correct counts accumulate in device tensors and are read once per epoch, so the host never waits
+on the GPU inside an epoch.  On CUDA the forward pass runs in bf16 autocast with channels_last
+activations; on CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hpo.data import Normalizer, SearchData, Split, eval_batches, train_batches
+
+# Images per forward pass when evaluating; bounded so that big models still fit in memory.
+EVAL_BATCH_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float
+    batch_size: int
+    weight_decay: float
+    optimizer: str
+    momentum: float
+    max_epochs: int
+    augment: bool
+    seed: int
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 1-based
+    train_loss: float
+    val_loss: float
+    val_accuracy: float  # fraction in [0, 1]
+    train_seconds: float  # wall time of the training pass alone
+    seconds: float  # wall time of training and evaluation
+    images_per_second: float  # training images per second of train_seconds
+
+
+@dataclass(frozen=True)
+class FitResult:
+    epochs: tuple[EpochResult, ...]
+
+
+EpochCallback = Callable[[EpochResult], None]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    # bf16 needs no loss scaling; CPU autocast is slower than fp32 on most CPUs, so it stays off.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, normalize: Normalizer, device: torch.device) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over ``split``; one host read at the end."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for images, labels in eval_batches(split, batch_size=EVAL_BATCH_SIZE):
+        with _autocast(device):
+            logits = model(normalize(images))
+        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+    n = max(1, len(split))
+    return loss_sum.item() / n, correct.item() / n
+
+
+def fit(
+    model: nn.Module,
+    data: SearchData,
+    config: TrainConfig,
+    on_epoch_end: EpochCallback | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data.train`` for up to ``config.max_epochs``, evaluating on ``data.val``.
+
+    ``on_epoch_end`` sees every epoch's result; an exception it raises (to prune, say) ends training
+    and propagates to the caller.  ``data`` must already be on ``config.device``.
+    """
+    device = config.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the conv algorithms once
+    model = model.to(device=device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config)
+    normalize = Normalizer(mean=data.mean, std=data.std, device=device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    epochs: list[EpochResult] = []
+    for epoch in range(1, config.max_epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        seen = 0
+        for images, labels in train_batches(
+            data.train, batch_size=config.batch_size, generator=generator, augment_images=config.augment
+        ):
+            with _autocast(device):
+                logits = model(normalize(images))
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * labels.shape[0]
+            seen += labels.shape[0]
+        train_loss = loss_sum.item() / max(1, seen)  # the epoch's one host read of training state
+        train_seconds = time.perf_counter() - start
+        val_loss, val_accuracy = evaluate(model, data.val, normalize, device)
+        _sync(device)
+        result = EpochResult(
+            epoch=epoch,
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
+            train_seconds=train_seconds,
+            seconds=time.perf_counter() - start,
+            images_per_second=seen / train_seconds if train_seconds > 0 else 0.0,
+        )
+        epochs.append(result)
+        if on_epoch_end is not None:
+            on_epoch_end(result)
+        if not math.isfinite(train_loss):
+            break  # diverged: more epochs only spend time
+    return FitResult(epochs=tuple(epochs))

@@ -1,0 +1,84 @@
+"""Shared fixtures: the CIFAR-10 archive, a per-session decode cache and tiny study files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _archive() -> Path | None:
+    if os.environ.get("HPO_DATA_ARCHIVE"):
+        return Path(os.environ["HPO_DATA_ARCHIVE"])
+    shared = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+    return shared if shared.is_file() else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Decode the archive at most once per test session, never into the user's cache, never online."""
+    os.environ["HPO_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["HPO_OFFLINE"] = "1"
+    os.environ.pop("HPO_STORAGE", None)
+
+
+@pytest.fixture(scope="session")
+def archive() -> Path:
+    path = _archive()
+    if path is None or not path.is_file():
+        pytest.skip("CIFAR-10 archive not found: set HPO_DATA_ARCHIVE or put ../shared/data/cifar10-jpg.tar.gz beside the repo")
+    return path
+
+
+TINY_STUDY = """
+[study]
+name = "{name}"
+seed = 0
+
+[data]
+dataset = "cifar10"
+data_dir = "{data_dir}"
+val_fraction = 0.1
+train_subset = 256
+val_subset = 128
+
+[train]
+max_epochs = {max_epochs}
+device = "cpu"
+augment = true
+
+[sampler]
+type = "{sampler}"
+
+[pruner]
+{pruner}
+
+[space]
+lr = {lr}
+batch_size = {{ choices = [32, 64] }}
+depth = {{ low = 1, high = 2 }}
+base_width = 8
+optimizer = {{ choices = ["sgd", "adamw"] }}
+"""
+
+
+def write_study(
+    folder: Path,
+    *,
+    archive: Path,
+    name: str = "tiny",
+    max_epochs: int = 2,
+    sampler: str = "random",
+    pruner: str = 'type = "none"',
+    lr: str = "{ low = 1e-3, high = 1e-1, log = true }",
+) -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(
+        TINY_STUDY.format(
+            name=name, data_dir=archive.as_posix(), max_epochs=max_epochs, sampler=sampler, pruner=pruner, lr=lr
+        )
+    )
+    return path

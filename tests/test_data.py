@@ -1,0 +1,113 @@
+"""CIFAR-10 from the shared archive: decoded once, split at random, augmented correctly on the device."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpo.data import CROP_PADDING, Normalizer, augment, cache_dir, carve_validation, load_dataset, train_batches
+from hpo.errors import DataError
+from hpo.spec import DataSection
+
+
+@pytest.fixture(scope="module")
+def cifar(archive: Path):
+    return load_dataset(DataSection(data_dir=str(archive)))
+
+
+def test_archive_gives_all_of_cifar10_as_uint8(cifar) -> None:
+    assert cifar.train_images.shape == (50000, 32, 32, 3) and cifar.train_images.dtype == torch.uint8
+    assert cifar.test_images.shape == (10000, 32, 32, 3)
+    assert cifar.classes[:3] == ("airplane", "automobile", "bird") and len(cifar.classes) == 10
+    assert torch.bincount(cifar.train_labels).tolist() == [5000] * 10
+    # The published CIFAR-10 statistics (the README beside the archive says JPEG keeps them to 3 decimals).
+    assert cifar.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=2e-3)
+
+
+def test_second_load_reads_the_cache(archive: Path, cifar) -> None:
+    assert list(cache_dir().glob("cifar10-32px-*.pt")), "the decoded arrays are cached"
+    again = load_dataset(DataSection(data_dir=str(archive)))
+    assert torch.equal(again.train_images, cifar.train_images)
+
+
+def test_validation_split_is_random_seeded_and_disjoint(cifar) -> None:
+    section = DataSection(val_fraction=0.1, split_seed=0)
+    data = carve_validation(cifar, section)
+    assert len(data.train) == 45000 and len(data.val) == 5000
+    # Drawn at random from a class-sorted archive: every class is in the validation part.
+    assert torch.bincount(data.val.labels, minlength=10).min() > 400
+    again = carve_validation(cifar, section)
+    assert torch.equal(again.val.labels, data.val.labels), "same split_seed, same split"
+    other = carve_validation(cifar, dataclasses.replace(section, split_seed=1))
+    assert not torch.equal(other.val.labels, data.val.labels)
+
+
+def test_subsets_are_drawn_from_their_own_part(cifar) -> None:
+    full = carve_validation(cifar, DataSection())
+    small = carve_validation(cifar, DataSection(train_subset=500, val_subset=100))
+    assert len(small.train) == 500 and len(small.val) == 100
+    assert torch.equal(small.val.images, full.val.images[:100]), "the subset never leaks training images into validation"
+    assert torch.bincount(small.train.labels, minlength=10).min() > 20
+
+
+def test_missing_data_offline_says_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HPO_DATA_ARCHIVE", raising=False)
+    with pytest.raises(DataError, match=rf"looked in {tmp_path}.*HPO_DATA_ARCHIVE \(unset\).*HPO_OFFLINE=1.*--data-dir"):
+        load_dataset(DataSection(data_dir=str(tmp_path)))
+
+
+def test_augment_is_a_per_image_crop_and_flip_of_the_padded_image() -> None:
+    images = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    pad = CROP_PADDING
+    padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
+    offsets = set()
+    for i in range(len(images)):
+        matches = [
+            (dy, dx, flip)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            for flip in (False, True)
+            if torch.equal(
+                out[i], (lambda c: c.flip(1) if flip else c)(padded[i, dy : dy + 8, dx : dx + 8])
+            )
+        ]
+        assert matches, f"image {i} is not a crop/flip of its padded original"
+        offsets.add(matches[0])
+    assert len(offsets) > 4, "each image gets its own crop, not one per batch"
+
+
+def test_batches_cover_an_epoch_and_normalize_to_channels_last(cifar) -> None:
+    data = carve_validation(cifar, DataSection(train_subset=300, val_subset=50))
+    batches = list(train_batches(data.train, batch_size=64, generator=torch.Generator().manual_seed(0), augment_images=False))
+    assert len(batches) == 4 and all(len(labels) == 64 for _, labels in batches)
+    labels = torch.cat([labels for _, labels in batches])
+    assert len(set(labels.tolist())) == 10
+    normalize = Normalizer(mean=data.mean, std=data.std, device=torch.device("cpu"))
+    x = normalize(batches[0][0])
+    assert x.shape == (64, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert abs(x.mean().item()) < 0.3 and 0.7 < x.std().item() < 1.3
+
+
+def test_image_folder_of_any_size_and_classes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split, per_class in (("train", 3), ("test", 1)):
+        for name, colour in (("forest", (0, 128, 0)), ("sea", (0, 0, 255))):
+            folder = tmp_path / "set" / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB" if i else "L", (40 + i, 30), colour[2]).save(folder / f"{i}.png")
+    dataset = load_dataset(DataSection(dataset="image_folder", data_dir=str(tmp_path / "set"), image_size=16))
+    assert dataset.classes == ("forest", "sea")
+    assert dataset.train_images.shape == (6, 16, 16, 3) and dataset.test_images.shape == (2, 16, 16, 3)
+    assert dataset.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_image_folder_without_train_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=rf"data_dir: {tmp_path} is neither a folder with train/<class>/"):
+        load_dataset(DataSection(dataset="image_folder", data_dir=str(tmp_path)))

@@ -1,0 +1,106 @@
+"""Study files: the shipped ones load, and every kind of mistake is named with file, key and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpo.errors import SpecError
+from hpo.space import Choice, FloatRange, Fixed, IntRange
+from hpo.spec import (
+    HyperbandPrunerSpec,
+    MedianPrunerSpec,
+    TpeSamplerSpec,
+    find_study,
+    load_spec,
+    studies_dirs,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_study_loads(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.study.name
+    assert spec.space.searched(), "a shipped study searches something"
+
+
+def test_cifar_study_searches_the_issue_parameters() -> None:
+    spec = load_spec(ROOT / "studies" / "cifar.toml")
+    lr = spec.space.distribution("lr")
+    assert isinstance(lr, FloatRange) and lr.log
+    assert spec.space.distribution("batch_size") == Choice((64, 128, 256, 512))
+    assert spec.space.distribution("kernel_size") == Choice((3, 5, 7))
+    assert isinstance(spec.space.distribution("weight_decay"), FloatRange)
+    assert isinstance(spec.space.distribution("depth"), IntRange)
+    assert set(spec.space.distribution("optimizer").choices) == {"sgd", "adam", "adamw", "rmsprop"}  # type: ignore[union-attr]
+    assert isinstance(spec.sampler, TpeSamplerSpec) and spec.sampler.multivariate and spec.sampler.constant_liar
+    assert isinstance(spec.pruner, MedianPrunerSpec)
+    assert spec.study.direction == "minimize"
+
+
+def test_study_name_and_path_both_resolve() -> None:
+    assert find_study("cifar").name == "cifar.toml"
+    assert find_study(str(ROOT / "studies" / "quick.toml")).stem == "quick"
+    assert ROOT / "studies" in studies_dirs()
+
+
+def test_unknown_study_lists_available() -> None:
+    with pytest.raises(SpecError, match=r"--study: unknown study 'cifr'; available: .*cifar.*quick"):
+        find_study("cifr")
+
+
+def test_defaults_fill_missing_tables(tmp_path: Path) -> None:
+    path = tmp_path / "bare.toml"
+    path.write_text('[space]\nlr = { low = 1e-3, high = 1e-1, log = true }\n')
+    spec = load_spec(path)
+    assert spec.study.name == "bare"
+    assert spec.space.distribution("batch_size") == Fixed(128)
+
+
+def test_hyperband_max_resource_defaults_to_max_epochs(tmp_path: Path) -> None:
+    path = tmp_path / "hb.toml"
+    path.write_text('[train]\nmax_epochs = 7\n[pruner]\ntype = "hyperband"\n')
+    pruner = load_spec(path).pruner
+    assert isinstance(pruner, HyperbandPrunerSpec) and pruner.max_resource == 7
+
+
+BAD = [
+    ("[study\nname = 'x'\n", r"invalid TOML: .*line 1"),
+    ("[study]\nnmae = 'x'\n", r"\[study\]: unknown key 'nmae'"),
+    ("[trian]\nmax_epochs = 3\n", r"unknown table \[trian\]"),
+    ("[train]\nmax_epochs = 'ten'\n", r"\[train\]: max_epochs must be an integer, got 'ten'"),
+    ("[train]\nmax_epochs = 0\n", r"\[train\]: max_epochs must be >= 1, got 0"),
+    ("[train]\ndevice = 'gpu'\n", r"\[train\]: device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ("[train]\naugment = 1\n", r"\[train\]: augment must be true or false, got 1"),
+    ("[data]\nval_fraction = 1.5\n", r"\[data\]: val_fraction must be in \(0, 1\), got 1.5"),
+    ("[data]\ndataset = 'imagenet'\n", r"\[data\]: dataset must be one of 'cifar10', 'image_folder', got 'imagenet'"),
+    ("[study]\nmetric = 'val_loss'\ndirection = 'maximize'\n", r"direction 'maximize' does not fit metric 'val_loss'"),
+    ("[space]\nlr = { low = 0.1, high = 0.001 }\n", r"\[space\] lr: low must be < high.*low=0.1 high=0.001"),
+    ("[space]\nlr = { low = 0.1, high = 0.1 }\n", r"\[space\] lr: low must be < high"),
+    ("[space]\nlr = { low = 0.0, high = 0.1, log = true }\n", r"\[space\] lr must be > 0, got 0.0"),
+    ("[space]\nweight_decay = { low = 0.0, high = 0.1, log = true }\n", r"log range needs low > 0, got low=0.0"),
+    ("[space]\nbatch_size = { choices = [] }\n", r"\[space\] batch_size: choices must be a non-empty list, got \[\]"),
+    ("[space]\nbatch_size = [64, 128]\n", r"\[space\] batch_size: write choices as \{ choices = \[64, 128\] \}"),
+    ("[space]\nbatch_size = { choices = [64, 12.5] }\n", r"\[space\] batch_size must be int, got 12.5"),
+    ("[space]\nkernel_size = { choices = [3, 4] }\n", r"\[space\] kernel_size must be an odd size from 1 to 11, got 4"),
+    ("[space]\nlearning_rate = 0.1\n", r"\[space\] unknown hyperparameter 'learning_rate'"),
+    ("[space]\nlr = { low = 1e-3, high = 1e-1, lg = true }\n", r"\[space\] lr: unknown key lg"),
+    ("[space]\noptimizer = { choices = ['sgd', 'lion'] }\n", r"\[space\] optimizer must be one of .*, got 'lion'"),
+    ("[space]\noptimizer = { low = 1, high = 2 }\n", r"\[space\] optimizer is categorical: use \{ choices = \[...\] \}, got a range"),
+    ("[sampler]\ntype = 'cmaes'\n", r"\[sampler\]: type must be one of tpe, random, got 'cmaes'"),
+    ("[pruner]\ntype = 'median'\nmin_resource = 2\n", r"\[pruner\] \(type 'median'\): unknown key 'min_resource'"),
+    ("[pruner]\ntype = 'successive_halving'\nreduction_factor = 1\n", r"reduction_factor must be >= 2, got 1"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_study_file_names_file_key_and_value(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=message) as caught:
+        load_spec(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert "\n" not in str(caught.value)
