@@ -292,6 +292,26 @@ def carve_validation(dataset: Dataset, section: DataSection) -> SearchData:
     )
 
 
+def retraining_data(dataset: Dataset, section: DataSection) -> SearchData:
+    """For the final model: the search's training and validation parts as ``train``, the test set as ``val``.
+
+    The training images are exactly those the search saw (``carve_validation``, subsets included,
+    so a quick study retrains quickly); the test set is always whole, since it is evaluated once.
+    """
+    search = carve_validation(dataset, section)
+    return SearchData(
+        train=Split(
+            images=torch.cat([search.train.images, search.val.images]),
+            labels=torch.cat([search.train.labels, search.val.labels]),
+        ),
+        val=Split(images=dataset.test_images, labels=dataset.test_labels),
+        mean=dataset.mean,
+        std=dataset.std,
+        num_classes=search.num_classes,
+        image_shape=search.image_shape,
+    )
+
+
 class Normalizer:
     """uint8 NHWC batches → float NCHW (channels_last memory) with zero mean and unit variance."""
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import optuna
 import torch
 
+from hpo.dashboard import note_pruned
 from hpo.data import SearchData
 from hpo.models import build_model, count_parameters
 from hpo.space import Hyperparameters, suggest
@@ -108,6 +109,7 @@ class Objective:
             if trial.should_prune():
                 reason = f"pruned at epoch {result.epoch} with {metric} {score(result):.4f}"
                 trial.set_user_attr("pruned_reason", reason)
+                note_pruned(trial, epoch=result.epoch, value=score(result), best=score(best), metric=metric)
                 raise optuna.TrialPruned(reason)
 
         fit(model, self.data, train_config(self.spec, hp, seed=seed, device=self.device), on_epoch_end)

@@ -14,10 +14,16 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
-from hpo.errors import HpoError, UsageError
-from hpo.spec import StudySpec, check_device, find_study, load_spec
+from hpo.cli import Parser as _Parser
+from hpo.cli import device as _device
+from hpo.cli import guarded
+from hpo.cli import non_negative_int as _non_negative_int
+from hpo.cli import positive_int as _positive_int
+from hpo.cli import positive_seconds as _positive_seconds
+from hpo.errors import UsageError
+from hpo.spec import StudySpec, find_study, load_spec
 
 if TYPE_CHECKING:  # imported lazily below: a bad flag should fail fast, before torch loads
     import optuna
@@ -28,50 +34,6 @@ if TYPE_CHECKING:  # imported lazily below: a bad flag should fail fast, before 
 logger = logging.getLogger("hpo.run")
 
 PROG = "hpo.run"
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage dump), handled like every HpoError."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
-    return value
-
-
-def _device(text: str) -> str:
-    problem = check_device(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,18 +190,14 @@ def print_summary(study: optuna.Study, *, storage_shown: str, metric: str, secon
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
-    try:
+
+    def body() -> int:
         args = build_parser().parse_args(argv)
         spec = apply_overrides(load_spec(find_study(args.study)), args)
         configure_logging(verbose=args.verbose, quiet=args.quiet)
         return _run(spec, args, started)
-    except HpoError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # Optuna has already marked the interrupted trial FAIL; nothing is left RUNNING.
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+
+    return guarded(PROG, body)
 
 
 def _run(spec: StudySpec, args: argparse.Namespace, started: float) -> int:

@@ -154,6 +154,27 @@ def existing_direction(storage: optuna.storages.BaseStorage, name: str) -> str |
     return None
 
 
+def check_existing_storage(url: str, source: str) -> None:
+    """Like check_storage, and a SQLite file must exist: readers never create an empty database."""
+    check_storage(url, source)
+    parsed = _parse(url, source)
+    database = parsed.database or ""
+    if parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not Path(database).expanduser().is_file():
+        raise StorageError(f"{source}: no SQLite file {database!r} here (run python -m hpo.run first, or give --storage)")
+
+
+def load_existing_study(url: str, source: str, name: str, *, flag: str) -> optuna.Study:
+    """The study of that name, for reading results; never creates a database or a study."""
+    check_existing_storage(url, source)
+    storage = open_storage(url, source)
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise StorageError(
+            f"{flag}: no study {name!r} in {redact(url)} (studies there: {', '.join(sorted(names)) or 'none'})"
+        )
+    return optuna.load_study(study_name=name, storage=storage)
+
+
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, seed: int) -> optuna.Study:
     """Create the study, or resume it when one of that name already exists."""
     direction = spec.study.direction

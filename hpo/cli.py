@@ -1,0 +1,94 @@
+"""What every ``python -m hpo.*`` command shares: one-line argument errors, exit codes, flag types.
+
+A problem a user can fix is one line on stderr, ``PROG: error: ...``, and exit code 2, no traceback;
+Ctrl-C is exit code 130.  Flag values are checked by the ``type=`` converters below, so a bad value
+is reported by argparse under the flag's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from hpo.errors import HpoError, UsageError
+from hpo.spec import check_device
+
+# Exit codes: bad input, and interrupted (128 + SIGINT, as shells report it).
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump), handled like every HpoError."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def guarded(prog: str, body: Callable[[], int]) -> int:
+    """Run a command's body; an HpoError becomes one line on stderr and exit code 2."""
+    try:
+        return body()
+    except HpoError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        # In hpo.run, Optuna has already marked the interrupted trial FAIL; nothing is left RUNNING.
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
+    return value
+
+
+def device(text: str) -> str:
+    problem = check_device(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def add_study_flags(parser: argparse.ArgumentParser) -> None:
+    """``--study``, ``--storage`` and ``--study-name``, which name a study exactly as hpo.run does."""
+    parser.add_argument("--study", required=True, help="study name in studies/ (e.g. cifar) or path to a .toml file")
+    parser.add_argument("--storage", help="SQLAlchemy URL of the study storage (default: $HPO_STORAGE or sqlite:///hpo.db)")
+    parser.add_argument("--study-name", help="name of the study in the storage (overrides [study] name)")
