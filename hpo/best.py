@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from hpo.space import Hyperparameters
     from hpo.train import EpochResult
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("hpo.best")  # not __name__: that is "__main__" under python -m
 
 PROG = "hpo.best"
 DEFAULT_OUT = "checkpoints"

@@ -23,7 +23,7 @@ from hpo.errors import UsageError
 if TYPE_CHECKING:
     import optuna
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("hpo.dashboard")  # not __name__: that is "__main__" under python -m
 
 PROG = "hpo.dashboard"
 DEFAULT_HOST = "127.0.0.1"  # this machine only: the dashboard can rename and delete studies

@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import html
 import json
-import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
     import optuna
     import plotly.graph_objects as go
 
-logger = logging.getLogger(__name__)
 
 PROG = "hpo.report"
 DEFAULT_OUT = "reports"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,28 @@ def write_study(
         )
     )
     return path
+
+
+@dataclass(frozen=True)
+class FinishedStudy:
+    """A real tiny study in SQLite, with completed and pruned trials; tests read it and never change it."""
+
+    study_file: Path
+    url: str
+    name: str
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory: pytest.TempPathFactory, archive: Path) -> FinishedStudy:
+    """5 trials of 2 epochs: the median pruner starts after 2 completed trials; with seed 0 trials 2 and 4 are
+    pruned (their epoch-1 losses are > 0.02 above the median, far beyond run-to-run noise)."""
+    from hpo.run import main
+
+    folder = tmp_path_factory.mktemp("finished")
+    study_file = write_study(
+        folder, archive=archive, max_epochs=2, pruner='type = "median"\nn_startup_trials = 2\nn_warmup_steps = 0',
+        lr="{ low = 1e-5, high = 1e-1, log = true }",
+    )
+    url = f"sqlite:///{folder / 'hpo.db'}"
+    assert main(["--study", str(study_file), "--n-trials", "5", "--storage", url, "--quiet"]) == 0
+    return FinishedStudy(study_file=study_file, url=url, name="tiny")
