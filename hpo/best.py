@@ -201,6 +201,9 @@ def _best(spec: StudySpec, args: argparse.Namespace) -> int:
         f"for {checkpoint.epochs} epochs (seed {checkpoint.seed}): test accuracy {checkpoint.test_accuracy:.2%}, "
         f"test loss {checkpoint.test_loss:.4f} on {len(dataset.test_labels)} test images"
     )
+    accuracy = trial.user_attrs.get("val_accuracy")
+    if isinstance(accuracy, float):
+        print(f"(The trial itself, trained on the training part only: {accuracy:.2%} validation accuracy.)")
     print(f"Checkpoint: {path}")
     return 0
 
