@@ -186,7 +186,7 @@ def _best(spec: StudySpec, args: argparse.Namespace) -> int:
     from hpo.study import load_existing_study, resolve_storage
 
     url, source = resolve_storage(args.storage)
-    study = load_existing_study(url, source, spec.study.name, flag="--study")
+    study = load_existing_study(url, source, spec.study.name, flag="--study-name" if args.study_name else "--study")
     trial = pick_trial(study, args.trial)
     device = resolve_device(spec.train.device, "--device" if args.device else f"{spec.path}: [train] device")
     hp = from_params(trial.params, spec.space)

@@ -295,7 +295,7 @@ def _report(spec: StudySpec, args: argparse.Namespace) -> int:
     from hpo.study import load_existing_study, redact, resolve_storage
 
     url, source = resolve_storage(args.storage)
-    study = load_existing_study(url, source, spec.study.name, flag="--study")
+    study = load_existing_study(url, source, spec.study.name, flag="--study-name" if args.study_name else "--study")
     metric = study.metric_names[0] if study.metric_names else spec.study.metric
     summary = summarize(study, storage_shown=redact(url), metric=metric, max_epochs=spec.train.max_epochs)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / spec.study.name

@@ -103,7 +103,7 @@ def test_default_output_folder_is_named_after_the_study(
     ("argv", "expected"),
     [
         (["--storage", "sqlite:///{tmp}/none.db"], "--storage: no SQLite file"),
-        (["--storage", "{url}", "--study-name", "other"], "--study: no study 'other' in sqlite:///"),
+        (["--storage", "{url}", "--study-name", "other"], "--study-name: no study 'other' in sqlite:///"),
         (["--storage", "{url}", "--max-epochs", "0"], "argument --max-epochs: must be a positive integer, got '0'"),
     ],
 )
