@@ -38,7 +38,7 @@ def device_name(device: torch.device) -> str:
 
 def train_config(spec: StudySpec, hp: Hyperparameters, *, seed: int, device: torch.device) -> TrainConfig:
     return TrainConfig(
-        lr=hp.lr,
+        lr=hp.scaled_lr(),
         batch_size=hp.batch_size,
         weight_decay=hp.weight_decay,
         optimizer=hp.optimizer,
@@ -47,6 +47,16 @@ def train_config(spec: StudySpec, hp: Hyperparameters, *, seed: int, device: tor
         augment=spec.train.augment,
         seed=seed,
         device=device,
+        nesterov=hp.nesterov,
+        schedule=hp.schedule,
+        step_size=hp.step_size,
+        gamma=hp.gamma,
+        warmup_fraction=hp.warmup_fraction,
+        l1=hp.l1,
+        label_smoothing=hp.label_smoothing,
+        class_weighting=hp.class_weighting,
+        crop_padding=hp.crop_padding,
+        flip=hp.flip,
     )
 
 
@@ -72,8 +82,10 @@ class Objective:
         seed = trial_seed(self.spec.study.seed, trial.number)
         hp = suggest(trial, self.spec.space)
         torch.manual_seed(seed)  # the model's initial weights
-        channels, _, _ = self.data.image_shape
-        model = build_model(self.spec.model.name, hp, in_channels=channels, num_classes=self.data.num_classes)
+        channels, height, _ = self.data.image_shape
+        model = build_model(
+            self.spec.model.name, hp, in_channels=channels, num_classes=self.data.num_classes, image_size=height
+        )
         for key, value in {
             "seed": seed,
             "params": count_parameters(model),

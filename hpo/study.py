@@ -12,13 +12,21 @@ import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
 from hpo.errors import StorageError
+from hpo.space import grid
 from hpo.spec import (
+    CmaEsSamplerSpec,
+    GpSamplerSpec,
+    GridSamplerSpec,
     HyperbandPrunerSpec,
     MedianPrunerSpec,
     NopPrunerSpec,
+    PatientPrunerSpec,
+    PercentilePrunerSpec,
+    QmcSamplerSpec,
     RandomSamplerSpec,
     StudySpec,
     SuccessiveHalvingPrunerSpec,
+    ThresholdPrunerSpec,
     TpeSamplerSpec,
 )
 
@@ -116,8 +124,30 @@ def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
             n_startup_trials=sampler.n_startup_trials,
             multivariate=sampler.multivariate,
             constant_liar=sampler.constant_liar,
+            group=sampler.group,
             seed=seed,
         )
+    if isinstance(sampler, GridSamplerSpec):
+        # Stops the study by itself once every grid point has been tried.
+        return optuna.samplers.GridSampler(grid(spec.space), seed=seed)  # type: ignore[arg-type]
+    if isinstance(sampler, CmaEsSamplerSpec):
+        return optuna.samplers.CmaEsSampler(
+            n_startup_trials=sampler.n_startup_trials,
+            sigma0=sampler.sigma0,
+            with_margin=sampler.with_margin,
+            lr_adapt=sampler.lr_adapt,
+            popsize=sampler.popsize,
+            consider_pruned_trials=sampler.consider_pruned_trials,
+            seed=seed,
+        )
+    if isinstance(sampler, GpSamplerSpec):
+        return optuna.samplers.GPSampler(
+            n_startup_trials=sampler.n_startup_trials,
+            deterministic_objective=sampler.deterministic_objective,
+            seed=seed,
+        )
+    if isinstance(sampler, QmcSamplerSpec):
+        return optuna.samplers.QMCSampler(qmc_type=sampler.qmc_type, scramble=sampler.scramble, seed=seed)
     assert isinstance(sampler, RandomSamplerSpec)
     return optuna.samplers.RandomSampler(seed=seed)
 
@@ -126,6 +156,13 @@ def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     pruner = spec.pruner
     if isinstance(pruner, MedianPrunerSpec):
         return optuna.pruners.MedianPruner(
+            n_startup_trials=pruner.n_startup_trials,
+            n_warmup_steps=pruner.n_warmup_steps,
+            interval_steps=pruner.interval_steps,
+        )
+    if isinstance(pruner, PercentilePrunerSpec):
+        return optuna.pruners.PercentilePruner(
+            percentile=pruner.percentile,
             n_startup_trials=pruner.n_startup_trials,
             n_warmup_steps=pruner.n_warmup_steps,
             interval_steps=pruner.interval_steps,
@@ -141,6 +178,13 @@ def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             min_resource=pruner.min_resource,
             max_resource=pruner.max_resource if pruner.max_resource is not None else spec.train.max_epochs,
             reduction_factor=pruner.reduction_factor,
+        )
+    if isinstance(pruner, PatientPrunerSpec):
+        return optuna.pruners.PatientPruner(None, patience=pruner.patience, min_delta=pruner.min_delta)
+    if isinstance(pruner, ThresholdPrunerSpec):
+        return optuna.pruners.ThresholdPruner(
+            lower=pruner.lower, upper=pruner.upper,
+            n_warmup_steps=pruner.n_warmup_steps, interval_steps=pruner.interval_steps,
         )
     assert isinstance(pruner, NopPrunerSpec)
     return optuna.pruners.NopPruner()
