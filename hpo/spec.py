@@ -119,6 +119,8 @@ class TpeSamplerSpec:
 
     def __post_init__(self) -> None:
         _at_least(self, n_startup_trials=0)
+        if self.group and not self.multivariate:
+            raise ValueError("group = true needs multivariate = true")
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ BAD = [
     ("[sampler]\ntype = 'bayes'\n", r"\[sampler\]: type must be one of tpe, random, grid, cmaes, gp, qmc, got 'bayes'"),
     ("[sampler]\ntype = 'qmc'\nqmc_type = 'lattice'\n", r"qmc_type must be one of 'sobol', 'halton', got 'lattice'"),
     ("[sampler]\ntype = 'grid'\n[space]\nlr = { low = 1e-4, high = 1e-1 }\n", r"\[space\] lr: a grid search needs choices or a range with a step"),
+    ("[sampler]\ntype = 'tpe'\nmultivariate = false\ngroup = true\n", r"\[sampler\] \(type 'tpe'\): group = true needs multivariate = true"),
     ("[pruner]\ntype = 'threshold'\n", r"\[pruner\] \(type 'threshold'\): give lower, upper or both"),
     ("[pruner]\ntype = 'percentile'\npercentile = 120\n", r"percentile must be from 0 to 100, got 120"),
     ("[space]\nactivation = { choices = ['relu', 'swish'] }\n", r"\[space\] activation must be one of relu, .*, got 'swish'"),
