@@ -8,10 +8,13 @@ activations; on CPU in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -52,6 +55,50 @@ class FitResult:
 
 
 EpochCallback = Callable[[EpochResult], None]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Training state at the end of an epoch, enough to continue as if never stopped."""
+
+    epochs: tuple[EpochResult, ...]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, object]
+    generator: torch.Tensor  # the shuffling/augmentation RNG state
+
+    @property
+    def epoch(self) -> int:
+        return len(self.epochs)
+
+
+def load_checkpoint(path: Path) -> Checkpoint | None:
+    """The checkpoint at ``path``, or None when there is none (or only a half-written one)."""
+    if not path.is_file():
+        return None
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return Checkpoint(
+        epochs=tuple(EpochResult(**e) for e in blob["epochs"]),
+        model=blob["model"],
+        optimizer=blob["optimizer"],
+        generator=blob["generator"],
+    )
+
+
+def _save_checkpoint(
+    path: Path, *, epochs: list[EpochResult], model: nn.Module, optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "epochs": [dataclasses.asdict(e) for e in epochs],
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+    }
+    # Write then rename: a worker killed mid-write leaves the previous epoch's checkpoint intact.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save(blob, partial)
+    partial.replace(path)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -100,11 +147,17 @@ def fit(
     data: SearchData,
     config: TrainConfig,
     on_epoch_end: EpochCallback | None = None,
+    *,
+    checkpoint: Path | None = None,
+    resume: Checkpoint | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data.train`` for up to ``config.max_epochs``, evaluating on ``data.val``.
 
-    ``on_epoch_end`` sees every epoch's result; an exception it raises (to prune, say) ends training
-    and propagates to the caller.  ``data`` must already be on ``config.device``.
+    ``on_epoch_end`` sees every new epoch's result; an exception it raises (to prune, say) ends
+    training and propagates to the caller.  ``data`` must already be on ``config.device``.
+    With ``checkpoint``, the state is saved there after every epoch (before ``on_epoch_end``);
+    with ``resume``, training continues after that checkpoint's last epoch, whose results are
+    included in the returned ``FitResult``.
     """
     device = config.device
     if device.type == "cuda":
@@ -114,7 +167,12 @@ def fit(
     normalize = Normalizer(mean=data.mean, std=data.std, device=device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     epochs: list[EpochResult] = []
-    for epoch in range(1, config.max_epochs + 1):
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        generator.set_state(resume.generator)
+        epochs = list(resume.epochs)
+    for epoch in range(len(epochs) + 1, config.max_epochs + 1):
         start = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -144,6 +202,8 @@ def fit(
             images_per_second=seen / train_seconds if train_seconds > 0 else 0.0,
         )
         epochs.append(result)
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, epochs=epochs, model=model, optimizer=optimizer, generator=generator)
         if on_epoch_end is not None:
             on_epoch_end(result)
         if not math.isfinite(train_loss):
