@@ -73,6 +73,7 @@ def train_config(spec: StudySpec, hp: Hyperparameters, *, seed: int, device: tor
         augment=spec.train.augment,
         seed=seed,
         device=device,
+        compile=spec.train.compile,
     )
 
 

@@ -85,6 +85,9 @@ class TrainSection:
     device: str = "auto"
     # Random crop (4 px padding) and horizontal flip of training images, on the device.
     augment: bool = True
+    # torch.compile the model. Off by default: every trial pays the compile time again, which
+    # faster epochs must repay; bench/throughput.py --compile measures both ways.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:

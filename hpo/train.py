@@ -36,6 +36,7 @@ class TrainConfig:
     augment: bool
     seed: int
     device: torch.device
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ def fit(
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the conv algorithms once
     model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
+    # The compiled module shares its parameters with ``model``; state dicts stay those of ``model``.
+    step_model = torch.compile(model) if config.compile else model
     normalize = Normalizer(mean=data.mean, std=data.std, device=device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     epochs: list[EpochResult] = []
@@ -181,7 +184,7 @@ def fit(
             data.train, batch_size=config.batch_size, generator=generator, augment_images=config.augment
         ):
             with _autocast(device):
-                logits = model(normalize(images))
+                logits = step_model(normalize(images))
             loss = nn.functional.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -190,7 +193,7 @@ def fit(
             seen += labels.shape[0]
         train_loss = loss_sum.item() / max(1, seen)  # the epoch's one host read of training state
         train_seconds = time.perf_counter() - start
-        val_loss, val_accuracy = evaluate(model, data.val, normalize, device)
+        val_loss, val_accuracy = evaluate(step_model, data.val, normalize, device)
         _sync(device)
         result = EpochResult(
             epoch=epoch,
