@@ -19,7 +19,6 @@ and prints finished trials per hour for each, and the ratio to K = 1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys

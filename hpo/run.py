@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 import warnings
