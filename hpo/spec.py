@@ -93,6 +93,9 @@ class TrainSection:
     # Random crop and horizontal flip of training images, on the device; their strength is the
     # crop_padding and flip hyperparameters of [space]. false: no augmentation whatever [space] says.
     augment: bool = True
+    # torch.compile the model. Off by default: every trial pays the compile time again, which
+    # faster epochs must repay; bench/throughput.py --compile measures both ways.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:

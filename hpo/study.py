@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
+import threading
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -38,6 +41,8 @@ DEFAULT_STORAGE = "sqlite:///hpo.db"
 CONNECT_TIMEOUT_S = 10
 # Trials finished for the budget: a pruned trial is a finished search decision too.
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# Times a trial whose worker died is re-queued before it is given up.
+MAX_RETRY = 3
 
 
 def resolve_storage(flag: str | None) -> tuple[str, str]:
@@ -109,12 +114,77 @@ def check_storage(url: str, source: str) -> None:
         engine.dispose()
 
 
-def open_storage(url: str, source: str) -> optuna.storages.RDBStorage:
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL, or None for other databases and in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
+# Optuna >= 4.9 names the callback RetryHeartbeatStaleTrialCallback; older versions RetryFailedTrialCallback.
+_NEW_RETRY = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+
+
+def retry_callback() -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Re-queues a failed trial: same params, its intermediate values inherited, MAX_RETRY times at most."""
+    cls = optuna.storages.RetryHeartbeatStaleTrialCallback if _NEW_RETRY else optuna.storages.RetryFailedTrialCallback
+    return cls(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+
+
+def open_storage(
+    url: str, source: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None
+) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with our engine settings and, given an interval, heartbeats.
+
+    With heartbeats, a trial whose worker stops beating for ``grace_period`` seconds is marked FAIL
+    and re-queued (up to MAX_RETRY times) with its intermediate values.
+    """
     parsed = _parse(url, source)
+    path = sqlite_path(url)
+    if path is not None:
+        # Write-ahead logging: readers never block the writer, so local workers rarely wait on a
+        # lock. The mode is stored in the file, so setting it once per open is enough.
+        connection = sqlite3.connect(path, timeout=60)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+        finally:
+            connection.close()
+    heartbeat: dict[str, Any] = {}
+    if heartbeat_interval is not None:
+        heartbeat = {
+            "heartbeat_interval": heartbeat_interval,
+            "grace_period": grace_period if grace_period is not None else 3 * heartbeat_interval,
+            ("heartbeat_stale_trial_callback" if _NEW_RETRY else "failed_trial_callback"): retry_callback(),
+        }
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(parsed))
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(parsed), **heartbeat)
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise StorageError(f"{source}: cannot open {redact(url)}: {str(exc).splitlines()[0]}") from exc
+
+
+class Reaper(threading.Thread):
+    """Marks trials of dead workers FAIL (and so re-queues them) every ``interval`` seconds.
+
+    Optuna reaps stale trials only when a worker starts a new trial; this thread does it even
+    while every live worker is busy with a long trial.
+    """
+
+    def __init__(self, *, study: optuna.Study, interval: float) -> None:
+        super().__init__(name="hpo-reaper", daemon=True)
+        self.study = study
+        self.interval = interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                optuna.storages.fail_stale_trials(self.study)
+            except Exception:  # a dropped connection must not kill the thread; next round retries
+                logger.warning("reaping stale trials failed; retrying in %.0f s", self.interval, exc_info=True)
+
+    def stop(self) -> None:
+        self._stop_event.set()
 
 
 def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
@@ -198,7 +268,7 @@ def existing_direction(storage: optuna.storages.BaseStorage, name: str) -> str |
     return None
 
 
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, seed: int) -> optuna.Study:
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, sampler_seed: int) -> optuna.Study:
     """Create the study, or resume it when one of that name already exists."""
     direction = spec.study.direction
     assert direction is not None
@@ -212,7 +282,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, seed: int)
         storage=storage,
         study_name=spec.study.name,
         direction=direction,
-        sampler=create_sampler(spec, seed),
+        sampler=create_sampler(spec, sampler_seed),
         pruner=create_pruner(spec),
         load_if_exists=True,
     )
@@ -222,3 +292,11 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, seed: int)
 
 def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def default_checkpoint_dir(url: str) -> Path:
+    """Beside a SQLite file (``hpo.db`` → ``hpo-checkpoints/``), else ``./hpo-checkpoints``."""
+    path = sqlite_path(url)
+    if path is not None:
+        return path.with_name(f"{path.stem}-checkpoints")
+    return Path("hpo-checkpoints")

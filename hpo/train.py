@@ -8,10 +8,13 @@ activations; on CPU in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +36,7 @@ class TrainConfig:
     augment: bool
     seed: int
     device: torch.device
+    compile: bool = False
     # Defaults below are the behaviour before these were hyperparameters.
     nesterov: bool = True  # sgd only, and only with momentum > 0
     schedule: str = "none"  # none, step, cosine or onecycle
@@ -65,6 +69,53 @@ class FitResult:
 EpochCallback = Callable[[EpochResult], None]
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Training state at the end of an epoch, enough to continue as if never stopped."""
+
+    epochs: tuple[EpochResult, ...]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, object]
+    generator: torch.Tensor  # the shuffling/augmentation RNG state
+    schedule: dict[str, object] = dataclasses.field(default_factory=dict)  # the LR scheduler's state; {} without one
+
+    @property
+    def epoch(self) -> int:
+        return len(self.epochs)
+
+
+def load_checkpoint(path: Path) -> Checkpoint | None:
+    """The checkpoint at ``path``, or None when there is none (or only a half-written one)."""
+    if not path.is_file():
+        return None
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return Checkpoint(
+        epochs=tuple(EpochResult(**e) for e in blob["epochs"]),
+        model=blob["model"],
+        optimizer=blob["optimizer"],
+        generator=blob["generator"],
+        schedule=blob.get("schedule", {}),
+    )
+
+
+def _save_checkpoint(
+    path: Path, *, epochs: list[EpochResult], model: nn.Module, optimizer: torch.optim.Optimizer,
+    schedule: Schedule, generator: torch.Generator,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "epochs": [dataclasses.asdict(e) for e in epochs],
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "generator": generator.get_state(),
+    }
+    # Write then rename: a worker killed mid-write leaves the previous epoch's checkpoint intact.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save(blob, partial)
+    partial.replace(path)
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = model.parameters()
     if config.optimizer == "sgd":
@@ -95,6 +146,13 @@ class Schedule:
     def after_epoch(self) -> None:
         if self.scheduler is not None and not self.per_batch:
             self.scheduler.step()
+
+    def state_dict(self) -> dict[str, object]:
+        return {} if self.scheduler is None else self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, *, steps_per_epoch: int) -> Schedule:
@@ -178,11 +236,17 @@ def fit(
     data: SearchData,
     config: TrainConfig,
     on_epoch_end: EpochCallback | None = None,
+    *,
+    checkpoint: Path | None = None,
+    resume: Checkpoint | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data.train`` for up to ``config.max_epochs``, evaluating on ``data.val``.
 
-    ``on_epoch_end`` sees every epoch's result; an exception it raises (to prune, say) ends training
-    and propagates to the caller.  ``data`` must already be on ``config.device``.
+    ``on_epoch_end`` sees every new epoch's result; an exception it raises (to prune, say) ends
+    training and propagates to the caller.  ``data`` must already be on ``config.device``.
+    With ``checkpoint``, the state is saved there after every epoch (before ``on_epoch_end``);
+    with ``resume``, training continues after that checkpoint's last epoch, whose results are
+    included in the returned ``FitResult``.
     """
     device = config.device
     if device.type == "cuda":
@@ -191,10 +255,18 @@ def fit(
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config, steps_per_epoch=steps_per_epoch(len(data.train), config.batch_size))
     criterion = make_loss(model, config, data.train.labels, data.num_classes)
+    # The compiled module shares its parameters with ``model``; state dicts stay those of ``model``.
+    step_model = torch.compile(model) if config.compile else model
     normalize = Normalizer(mean=data.mean, std=data.std, device=device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     epochs: list[EpochResult] = []
-    for epoch in range(1, config.max_epochs + 1):
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        schedule.load_state_dict(resume.schedule)
+        generator.set_state(resume.generator)
+        epochs = list(resume.epochs)
+    for epoch in range(len(epochs) + 1, config.max_epochs + 1):
         start = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -203,7 +275,7 @@ def fit(
             data.train, batch_size=config.batch_size, generator=generator, augmentation=make_augmentation(config)
         ):
             with _autocast(device):
-                logits = model(normalize(images))
+                logits = step_model(normalize(images))
             loss = criterion(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -214,7 +286,7 @@ def fit(
         schedule.after_epoch()
         train_loss = loss_sum.item() / max(1, seen)  # the epoch's one host read of training state
         train_seconds = time.perf_counter() - start
-        val_loss, val_accuracy = evaluate(model, data.val, normalize, device)
+        val_loss, val_accuracy = evaluate(step_model, data.val, normalize, device)
         _sync(device)
         result = EpochResult(
             epoch=epoch,
@@ -226,6 +298,10 @@ def fit(
             images_per_second=seen / train_seconds if train_seconds > 0 else 0.0,
         )
         epochs.append(result)
+        if checkpoint is not None:
+            _save_checkpoint(
+                checkpoint, epochs=epochs, model=model, optimizer=optimizer, schedule=schedule, generator=generator
+            )
         if on_epoch_end is not None:
             on_epoch_end(result)
         if not math.isfinite(train_loss):

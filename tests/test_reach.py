@@ -253,3 +253,37 @@ def test_every_hyperparameter_has_a_reach_test() -> None:
         "crop_padding", "flip", "batch_size",
     }
     assert covered == set(PARAMETERS)
+
+
+@pytest.mark.parametrize("schedule", [{"schedule": "step", "step_size": 1, "gamma": 0.5}, {"schedule": "onecycle"}])
+def test_a_resumed_fit_continues_the_schedule(schedule: dict, tmp_path: Path) -> None:
+    from hpo.data import SearchData
+    from hpo.train import fit, load_checkpoint
+
+    generator = torch.Generator().manual_seed(0)
+    split = Split(images=torch.randint(0, 256, (32, 8, 8, 1), dtype=torch.uint8, generator=generator), labels=torch.arange(32) % 2)
+    data = SearchData(train=split, val=split, mean=(0.5,), std=(0.25,), num_classes=2, image_shape=(1, 8, 8))
+    hp = _hp(lr=0.1, batch_size=8, depth=1, base_width=4, **schedule)
+    config = _config(hp, tmp_path, max_epochs=3)
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return build_model("cnn", hp, in_channels=1, num_classes=2, image_size=8)
+
+    whole = model()
+    fit(whole, data, config)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(result) -> None:
+        if result.epoch == 1:
+            raise Stop
+
+    interrupted, path = model(), tmp_path / "trial.pt"
+    with pytest.raises(Stop):
+        fit(interrupted, data, config, stop_after_first, checkpoint=path)
+    resumed = model()
+    fit(resumed, data, config, resume=load_checkpoint(path))
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float()), "epochs 2 and 3 ran with the same learning rates as without the stop"
