@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from hpo.data import Dataset, SearchData
     from hpo.space import Hyperparameters
-    from hpo.train import EpochResult
+    from hpo.train import EpochResult, TrainConfig
 
 logger = logging.getLogger("hpo.best")  # not __name__: that is "__main__" under python -m
 
@@ -41,7 +41,7 @@ DEFAULT_OUT = "checkpoints"
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class SavedModel:
     """Everything needed to rebuild, trust and use the retrained model, in plain types and tensors."""
 
     state_dict: Mapping[str, torch.Tensor]  # on the CPU
@@ -71,7 +71,7 @@ class Checkpoint:
         return blob
 
     @classmethod
-    def from_dict(cls, blob: Mapping[str, object]) -> Checkpoint:
+    def from_dict(cls, blob: Mapping[str, object]) -> SavedModel:
         from hpo.space import Hyperparameters
 
         values = dict(blob)
@@ -81,28 +81,30 @@ class Checkpoint:
         return cls(**values)  # type: ignore[arg-type]
 
 
-def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
+    def build(self) -> nn.Module:
+        """The trained model, on the CPU, in eval mode."""
+        from hpo.models import build_model
+
+        channels, height, _ = self.image_shape
+        model = build_model(
+            self.model, self.hyperparameters, in_channels=channels, num_classes=len(self.classes), image_size=height
+        )
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def save_model(saved: SavedModel, path: Path) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint.to_dict(), path)
+    torch.save(saved.to_dict(), path)
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def load_model(path: Path) -> SavedModel:
     """Read a checkpoint written by hpo.best; no pickled code runs (``weights_only=True``)."""
     import torch
 
-    return Checkpoint.from_dict(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
-    """The trained model, on the CPU, in eval mode."""
-    from hpo.models import build_model
-
-    channels, _, _ = checkpoint.image_shape
-    model = build_model(checkpoint.model, checkpoint.hyperparameters, in_channels=channels, num_classes=len(checkpoint.classes))
-    model.load_state_dict(checkpoint.state_dict)
-    return model.eval()
+    return SavedModel.from_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +177,38 @@ def _seeded_model(spec: StudySpec, hp: Hyperparameters, data: SearchData, seed: 
     from hpo.models import build_model
 
     torch.manual_seed(seed)
-    channels, _, _ = data.image_shape
-    return build_model(spec.model.name, hp, in_channels=channels, num_classes=data.num_classes)
+    channels, height, _ = data.image_shape
+    return build_model(spec.model.name, hp, in_channels=channels, num_classes=data.num_classes, image_size=height)
+
+
+class _Enough(Exception):
+    """Raised after the trial's last epoch: fit stops there, its LR schedule still spanning the trial's."""
+
+
+def train_like(
+    trial: optuna.trial.FrozenTrial, spec: StudySpec, model: nn.Module, data: SearchData, config: TrainConfig
+) -> list[EpochResult]:
+    """Train for the trial's epochs, with the schedule over as many epochs as the trial had planned.
+
+    A complete trial ran all its epochs; a pruned one had planned the study file's ``max_epochs``.
+    """
+    from hpo.train import fit
+
+    epochs = trial_epochs(trial)
+    planned = epochs if trial.state.name == "COMPLETE" else max(epochs, spec.train.max_epochs)
+    results: list[EpochResult] = []
+
+    def on_epoch_end(result: EpochResult) -> None:
+        results.append(result)
+        logger.debug("epoch %d: train_loss %.4f (%.1f s)", result.epoch, result.train_loss, result.seconds)
+        if result.epoch >= epochs:
+            raise _Enough
+
+    try:
+        fit(model, data, dataclasses.replace(config, max_epochs=planned), on_epoch_end)
+    except _Enough:
+        pass
+    return results
 
 
 def _best(spec: StudySpec, args: argparse.Namespace) -> int:
@@ -193,13 +225,13 @@ def _best(spec: StudySpec, args: argparse.Namespace) -> int:
     dataset = load_dataset(spec.data)
     if args.replay:
         return replay(spec, trial, hp, dataset, device)
-    checkpoint = retrain(spec, trial, hp, dataset, device)
+    saved = retrain(spec, trial, hp, dataset, device)
     path = Path(args.out) / f"{spec.study.name}-trial{trial.number}.pt"
-    save_checkpoint(checkpoint, path)
+    save_model(saved, path)
     print(
-        f"Trial {trial.number} of study {spec.study.name!r} retrained on {checkpoint.train_images} images "
-        f"for {checkpoint.epochs} epochs (seed {checkpoint.seed}): test accuracy {checkpoint.test_accuracy:.2%}, "
-        f"test loss {checkpoint.test_loss:.4f} on {len(dataset.test_labels)} test images"
+        f"Trial {trial.number} of study {spec.study.name!r} retrained on {saved.train_images} images "
+        f"for {saved.epochs} epochs (seed {saved.seed}): test accuracy {saved.test_accuracy:.2%}, "
+        f"test loss {saved.test_loss:.4f} on {len(dataset.test_labels)} test images"
     )
     accuracy = trial.user_attrs.get("val_accuracy")
     if isinstance(accuracy, float):
@@ -210,24 +242,23 @@ def _best(spec: StudySpec, args: argparse.Namespace) -> int:
 
 def retrain(
     spec: StudySpec, trial: optuna.trial.FrozenTrial, hp: Hyperparameters, dataset: Dataset, device: torch.device
-) -> Checkpoint:
+) -> SavedModel:
     """Train ``hp`` on training + validation data for the trial's epochs and seed; test once."""
     from hpo.data import Normalizer, Split, retraining_data
     from hpo.objective import train_config
-    from hpo.train import evaluate, fit
+    from hpo.train import evaluate
 
     data = retraining_data(dataset, spec.data).to(device)
     seed = trial.user_attrs["seed"]
     epochs = trial_epochs(trial)
-    config = dataclasses.replace(train_config(spec, hp, seed=seed, device=device), max_epochs=epochs)
     model = _seeded_model(spec, hp, data, seed)
     # fit evaluates data.val after every epoch; the test set is looked at once, after training,
     # so fit gets no validation images.
     no_val = Split(images=data.val.images[:0], labels=data.val.labels[:0])
     logger.info("retraining trial %d on %d images for %d epochs on %s", trial.number, len(data.train), epochs, device)
-    fit(model, dataclasses.replace(data, val=no_val), config, lambda r: logger.debug("epoch %d: train_loss %.4f (%.1f s)", r.epoch, r.train_loss, r.seconds))
+    train_like(trial, spec, model, dataclasses.replace(data, val=no_val), train_config(spec, hp, seed=seed, device=device))
     test_loss, test_accuracy = evaluate(model, data.val, Normalizer(mean=data.mean, std=data.std, device=device), device)
-    return Checkpoint(
+    return SavedModel(
         state_dict={name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
         hyperparameters=hp,
         model=spec.model.name,
@@ -252,13 +283,12 @@ def replay(
     """Retrain as the search did and print the recomputed metric per epoch beside the stored one."""
     from hpo.data import carve_validation
     from hpo.objective import train_config
-    from hpo.train import fit
 
     metric = spec.study.metric
     data = carve_validation(dataset, spec.data).to(device)
     seed = trial.user_attrs["seed"]
-    config = dataclasses.replace(train_config(spec, hp, seed=seed, device=device), max_epochs=trial_epochs(trial))
-    results = fit(_seeded_model(spec, hp, data, seed), data, config).epochs
+    config = train_config(spec, hp, seed=seed, device=device)
+    results = train_like(trial, spec, _seeded_model(spec, hp, data, seed), data, config)
     print(f"Replay of trial {trial.number} of study {spec.study.name!r} ({trial.state.name}, seed {seed}) on {device}:")
     print(f"  epoch  stored {metric}  replayed {metric}  difference")
     differences = []

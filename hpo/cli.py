@@ -30,14 +30,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def guarded(prog: str, body: Callable[[], int]) -> int:
-    """Run a command's body; an HpoError becomes one line on stderr and exit code 2."""
+    """Run a command's body; an HpoError becomes one line on stderr and exit code 2.
+
+    hpo.run handles its errors the same way in its own main, which also tells SIGTERM (exit 143) apart.
+    """
     try:
         return body()
     except HpoError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        # In hpo.run, Optuna has already marked the interrupted trial FAIL; nothing is left RUNNING.
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 

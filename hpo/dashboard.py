@@ -31,6 +31,15 @@ DEFAULT_PORT = 8080
 INSTALL_HINT = "pip install -e \".[dashboard]\" (or pip install optuna-dashboard)"
 
 
+# Why the pruners without one comparable threshold stop a trial, in a user's words.
+_WHY = {
+    "SuccessiveHalvingPruner": "it was not among the best share of the trials that reached this epoch's rung",
+    "HyperbandPruner": "it was not among the best share of its bracket's trials at this epoch's rung",
+    "PatientPruner": "its best value had not improved for the pruner's patience (in epochs)",
+    "ThresholdPruner": "its value was outside the pruner's bounds, or not finite",
+}
+
+
 def pruning_note(trial: optuna.Trial, *, epoch: int, value: float, best: float, metric: str) -> str:
     """Markdown saying why ``trial`` was pruned at ``epoch``: its values and what the pruner compared them to."""
     import numpy as np
@@ -45,27 +54,27 @@ def pruning_note(trial: optuna.Trial, *, epoch: int, value: float, best: float, 
         "",
         f"- {metric} at epoch {epoch}: {value:.4f}; best so far: {best:.4f}",
     ]
-    if isinstance(pruner, optuna.pruners.MedianPruner):
-        # What MedianPruner.prune compares: this trial's best value so far against the median of the
-        # completed trials' values at the same epoch.
+    # MedianPruner is the 50th percentile; a PercentilePruner keeps its percentile in a private field.
+    percentile = 50.0 if isinstance(pruner, optuna.pruners.MedianPruner) else getattr(pruner, "_percentile", None)
+    if isinstance(pruner, optuna.pruners.PercentilePruner) and isinstance(percentile, (int, float)):
+        # What PercentilePruner.prune compares: this trial's best value so far against that percentile of
+        # the completed trials' values at the same epoch (for maximizing, the mirrored percentile).
         others = [
             t.intermediate_values[epoch]
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if epoch in t.intermediate_values
+            if epoch in t.intermediate_values and math.isfinite(t.intermediate_values[epoch])
         ]
-        finite = [v for v in others if math.isfinite(v)]
-        if finite:
-            median = float(np.median(finite))
-            worse = "above" if minimize else "below"
+        if others:
+            effective = percentile if minimize else 100 - percentile
+            threshold = float(np.percentile(others, effective))
+            name = "median" if effective == 50 else f"{effective:g}th percentile"
             lines.append(
-                f"- threshold: the median {median:.4f} of the {len(finite)} completed trials' {metric} at epoch {epoch}; "
-                f"the best so far is {worse} it"
+                f"- threshold: the {name} {threshold:.4f} of the {len(others)} completed trials' {metric} at epoch {epoch}; "
+                f"the best so far is {'above' if minimize else 'below'} it"
             )
     else:
-        lines.append(
-            f"- threshold: none single; {type(pruner).__name__} keeps the best share of the trials that reached "
-            "this epoch and stopped this one"
-        )
+        why = _WHY.get(type(pruner).__name__, "the pruner stopped it")
+        lines.append(f"- why: {why}; this pruner has no single threshold to show")
     return "\n".join(lines)
 
 

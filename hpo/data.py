@@ -1,12 +1,16 @@
 """Datasets as uint8 tensors, decoded once and cached; the validation split; batches on the device.
 
-A dataset is read from one of these sources, first match wins:
+``DATASETS`` names the datasets a study file may ask for, each with its torchvision class, channels,
+image size and normalization statistics.  A dataset is read from one of these sources, first match wins:
 
 1. ``data_dir`` is a ``.tar.gz`` / ``.tgz`` / ``.tar`` archive or a folder holding ``train/<class>/*``
    and ``test/<class>/*`` images (torchvision's ImageFolder layout);
-2. for ``cifar10``: ``data_dir`` holds torchvision's ``cifar-10-batches-py``;
-3. for ``cifar10``: the archive named by the environment variable ``HPO_DATA_ARCHIVE``;
-4. for ``cifar10``: a torchvision download into ``data_dir`` (skipped when ``HPO_OFFLINE=1``).
+2. for a torchvision dataset: ``data_dir`` holds torchvision's files of it (e.g. ``cifar-10-batches-py``);
+3. for ``cifar10`` only: the archive named by the environment variable ``HPO_DATA_ARCHIVE``;
+4. for a torchvision dataset: a download into ``data_dir`` (skipped when ``HPO_OFFLINE=1``).
+
+Images are then resized to ``[data] image_size`` and converted to ``[data] channels`` when those
+differ from the source's.
 
 Decoded image folders are cached as uint8 tensors under ``$HPO_CACHE_DIR`` (default
 ``~/.cache/hpo``), keyed by the source's path, size and modification time, so later trials and
@@ -16,12 +20,13 @@ permutation, and batches are cut, cropped, flipped and normalized on the trainin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -37,9 +42,31 @@ logger = logging.getLogger(__name__)
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Bump when the cache layout changes, so that stale caches are ignored rather than misread.
-_CACHE_VERSION = 1
-# Zero padding in pixels of the random crop, as in torchvision's RandomCrop(32, padding=4).
-CROP_PADDING = 4
+_CACHE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What is known of a dataset before reading it."""
+
+    # Class name in torchvision.datasets; None: only image folders.
+    torchvision_class: str | None
+    # Channels and side in pixels of its images; None: found from the images.
+    channels: int | None
+    image_size: int
+    # Per-channel mean and std of the training images in [0, 1] units (the published figures);
+    # None: computed from the training images.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+DATASETS: Mapping[str, DatasetInfo] = {
+    "cifar10": DatasetInfo("CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo("CIFAR100", 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": DatasetInfo("MNIST", 1, 28, (0.1307,), (0.3081,)),
+    "fashion_mnist": DatasetInfo("FashionMNIST", 1, 28, (0.2860,), (0.3530,)),
+    "image_folder": DatasetInfo(None, None, 32),
+}
 
 
 @dataclass(frozen=True)
@@ -117,60 +144,121 @@ def _is_image_folder(path: Path) -> bool:
 
 def load_dataset(section: DataSection) -> Dataset:
     """Load the study's dataset, or raise DataError saying where it looked and how to provide it."""
+    info = DATASETS[section.dataset]
+    image_size = section.image_size or info.image_size
     data_dir = Path(section.data_dir).expanduser()
     if _is_archive(data_dir) or _is_image_folder(data_dir):
-        return _load_image_folder(section.dataset, data_dir, section.image_size)
-    if section.dataset == "image_folder":
+        return _shaped(_load_image_folder(section.dataset, data_dir, image_size), section, info)
+    if info.torchvision_class is None:
         raise DataError(
             f"data_dir: {data_dir} is neither a folder with train/<class>/ images nor a .tar.gz of one"
         )
-    looked = [f"{data_dir} (no train/ folder, no cifar-10-batches-py)"]
-    if (data_dir / "cifar-10-batches-py").is_dir():
-        return _load_torchvision_cifar10(data_dir, download=False)
-    archive = os.environ.get("HPO_DATA_ARCHIVE")
-    if archive:
-        if not _is_archive(Path(archive)):
-            raise DataError(f"HPO_DATA_ARCHIVE: no .tar.gz archive at {archive}")
-        return _load_image_folder(section.dataset, Path(archive), section.image_size)
-    looked.append("$HPO_DATA_ARCHIVE (unset)")
+    looked = [f"{data_dir} (no train/ folder, no torchvision {info.torchvision_class} files)"]
+    try:
+        return _shaped(_load_torchvision(section.dataset, info, data_dir, download=False), section, info)
+    except RuntimeError:
+        pass  # torchvision's "Dataset not found or corrupted"
+    if section.dataset == "cifar10":
+        archive = os.environ.get("HPO_DATA_ARCHIVE")
+        if archive:
+            if not _is_archive(Path(archive)):
+                raise DataError(f"HPO_DATA_ARCHIVE: no .tar.gz archive at {archive}")
+            return _shaped(_load_image_folder(section.dataset, Path(archive), image_size), section, info)
+        looked.append("$HPO_DATA_ARCHIVE (unset)")
     if os.environ.get("HPO_OFFLINE") == "1":
         looked.append("download skipped (HPO_OFFLINE=1)")
     else:
         try:
-            return _load_torchvision_cifar10(data_dir, download=True)
+            return _shaped(_load_torchvision(section.dataset, info, data_dir, download=True), section, info)
         except (OSError, RuntimeError) as exc:  # urllib errors are OSErrors
             looked.append(f"download failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    hint = " or set HPO_DATA_ARCHIVE" if section.dataset == "cifar10" else ""
     raise DataError(
-        "dataset cifar10 not found: looked in "
+        f"dataset {section.dataset} not found: looked in "
         + "; ".join(looked)
-        + ". Give --data-dir PATH (a folder or cifar10-jpg.tar.gz) or set HPO_DATA_ARCHIVE"
+        + f". Give --data-dir PATH (a folder of train/<class>/ images, a .tar.gz of one, or torchvision's files){hint}"
     )
 
 
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] units, in float64 so 50,000 images sum exactly enough."""
-    flat = images.reshape(-1, images.shape[-1]).to(torch.float64) / 255.0
-    return tuple(flat.mean(0).tolist()), tuple(flat.std(0).tolist())
+    """Per-channel mean and std in [0, 1] units, exact, from a 256-bin histogram per channel (no float copy)."""
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for channel in range(images.shape[-1]):
+        counts = torch.bincount(images[..., channel].reshape(-1), minlength=256).to(torch.float64)
+        n = counts.sum()
+        mean = (counts * levels).sum() / n
+        variance = (counts * (levels - mean) ** 2).sum() / max(1.0, float(n) - 1)
+        means.append(float(mean))
+        stds.append(float(variance.sqrt()))
+    return tuple(means), tuple(stds)
 
 
-def _load_torchvision_cifar10(root: Path, *, download: bool) -> Dataset:
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, H, W, C) → uint8 (N, size, size, C), bilinear with antialiasing, in chunks."""
+    if images.shape[1:3] == (size, size) or len(images) == 0:
+        return images
+    out = torch.empty((len(images), size, size, images.shape[-1]), dtype=torch.uint8)
+    for start in range(0, len(images), 4096):  # images per chunk: bounds the float copy
+        chunk = images[start : start + 4096].permute(0, 3, 1, 2).float()
+        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + 4096] = resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return out
+
+
+def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 (N, H, W, C) with C in {1, 3} → ``channels``: gray repeated, or RGB to luma as PIL's "L" does."""
+    if images.shape[-1] == channels:
+        return images
+    if channels == 3:
+        return images.expand(*images.shape[:-1], 3).contiguous()
+    # ITU-R 601-2 weights per mille, rounded to nearest; float32 holds these integer sums exactly.
+    weights = torch.tensor([[299.0], [587.0], [114.0]])
+    return ((images.float() @ weights + 500) / 1000).floor().to(torch.uint8)
+
+
+def _is_gray(images: torch.Tensor) -> bool:
+    return images.shape[-1] == 1 or bool(
+        torch.equal(images[..., 0], images[..., 1]) and torch.equal(images[..., 0], images[..., 2])
+    )
+
+
+def _shaped(raw: Dataset, section: DataSection, info: DatasetInfo) -> Dataset:
+    """The dataset at the study's image size and channels, with its normalization statistics."""
+    size = section.image_size or info.image_size
+    channels = section.channels or info.channels or (1 if _is_gray(raw.train_images) else 3)
+    train = _to_channels(_resize(raw.train_images, size), channels)
+    test = _to_channels(_resize(raw.test_images, size), channels)
+    if info.mean is not None and info.std is not None and channels == info.channels:
+        mean, std = info.mean, info.std
+    else:
+        mean, std = _stats(train)
+    return dataclasses.replace(raw, train_images=train, test_images=test, mean=mean, std=std)
+
+
+def _load_torchvision(name: str, info: DatasetInfo, root: Path, *, download: bool) -> Dataset:
     import torchvision
 
-    logger.info("reading CIFAR-10 through torchvision in %s", root)
-    train = torchvision.datasets.CIFAR10(str(root), train=True, download=download)
-    test = torchvision.datasets.CIFAR10(str(root), train=False, download=False)
-    train_images = torch.from_numpy(train.data)
-    mean, std = _stats(train_images)
+    assert info.torchvision_class is not None
+    cls = getattr(torchvision.datasets, info.torchvision_class)
+    logger.info("reading %s through torchvision in %s", name, root)
+    train = cls(str(root), train=True, download=download)
+    test = cls(str(root), train=False, download=False)
+
+    def images(part: object) -> torch.Tensor:
+        array = torch.as_tensor(part.data)  # type: ignore[attr-defined]
+        return array if array.ndim == 4 else array.unsqueeze(-1)  # MNIST's (N, H, W) gets its channel
+
     return Dataset(
-        name="cifar10",
+        name=name,
         source=str(root),
         classes=tuple(train.classes),
-        train_images=train_images,
-        train_labels=torch.tensor(train.targets, dtype=torch.int64),
-        test_images=torch.from_numpy(test.data),
-        test_labels=torch.tensor(test.targets, dtype=torch.int64),
-        mean=mean,
-        std=std,
+        train_images=images(train),
+        train_labels=torch.as_tensor(train.targets, dtype=torch.int64),
+        test_images=images(test),
+        test_labels=torch.as_tensor(test.targets, dtype=torch.int64),
+        mean=(),
+        std=(),
     )
 
 
@@ -202,8 +290,8 @@ def _load_image_folder(name: str, source: Path, image_size: int) -> Dataset:
         train_labels=blob["train_labels"],
         test_images=blob["test_images"],
         test_labels=blob["test_labels"],
-        mean=tuple(blob["mean"]),
-        std=tuple(blob["std"]),
+        mean=(),  # set by _shaped
+        std=(),
     )
 
 
@@ -253,15 +341,12 @@ def _decode_image_folder(source: Path, image_size: int) -> dict[str, object]:
 
     train_images, train_labels = stack("train")
     test_images, test_labels = stack("test")
-    mean, std = _stats(train_images)
     return {
         "classes": classes,
         "train_images": train_images,
         "train_labels": train_labels,
         "test_images": test_images,
         "test_labels": test_labels,
-        "mean": list(mean),
-        "std": list(std),
     }
 
 
@@ -327,18 +412,31 @@ class Normalizer:
         return images.permute(0, 3, 1, 2).float() * self.scale + self.shift
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random crop (zero padding ``CROP_PADDING``) and horizontal flip, as one gather.
+@dataclass(frozen=True)
+class Augmentation:
+    """Random crop and flip of training images (torchvision's RandomCrop(padding) + RandomHorizontalFlip)."""
 
-    ``images`` is a uint8 (B, H, W, C) batch on any device; no host sync happens here.
+    # Zero padding in pixels around each image before the random crop back to its size; 0: no crop.
+    crop_padding: int = 4
+    # Mirror each image left-right with probability 1/2.
+    flip: bool = True
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, augmentation: Augmentation) -> torch.Tensor:
+    """Per-image random crop (zero padding) and horizontal flip, as one gather.
+
+    ``images`` is a uint8 (B, H, W, C) batch with any number of channels on any device; no host
+    sync happens here.
     """
+    if augmentation.crop_padding == 0 and not augmentation.flip:
+        return images
     batch, height, width, _ = images.shape
     device = images.device
-    pad = CROP_PADDING
+    pad = augmentation.crop_padding
     padded = F.pad(images, (0, 0, pad, pad, pad, pad))  # pads W and H of NHWC with zeros
     dy = torch.randint(0, 2 * pad + 1, (batch, 1), device=device, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (batch, 1), device=device, generator=generator)
-    flip = torch.rand((batch, 1), device=device, generator=generator) < 0.5
+    flip = torch.rand((batch, 1), device=device, generator=generator) < (0.5 if augmentation.flip else 0.0)
     rows = dy + torch.arange(height, device=device)
     cols_forward = torch.arange(width, device=device)
     cols = dx + torch.where(flip, width - 1 - cols_forward, cols_forward)
@@ -346,18 +444,22 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[index, rows[:, :, None], cols[:, None, :]]
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of ``n`` images: full batches only, but at least one."""
+    return max(1, n // batch_size)
+
+
 def train_batches(
-    split: Split, *, batch_size: int, generator: torch.Generator, augment_images: bool
+    split: Split, *, batch_size: int, generator: torch.Generator, augmentation: Augmentation | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled uint8 batches; the last partial batch is dropped (BatchNorm needs > 1)."""
     n = len(split)
     order = torch.randperm(n, device=split.labels.device, generator=generator)
-    steps = max(1, n // batch_size)
-    for step in range(steps):
+    for step in range(steps_per_epoch(n, batch_size)):
         index = order[step * batch_size : (step + 1) * batch_size]
         images = split.images[index]
-        if augment_images:
-            images = augment(images, generator)
+        if augmentation is not None:
+            images = augment(images, generator, augmentation)
         yield images, split.labels[index]
 
 

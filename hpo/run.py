@@ -9,20 +9,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpo.cli import Parser as _Parser
 from hpo.cli import device as _device
-from hpo.cli import guarded
 from hpo.cli import non_negative_int as _non_negative_int
 from hpo.cli import positive_int as _positive_int
 from hpo.cli import positive_seconds as _positive_seconds
-from hpo.errors import UsageError
+from hpo.errors import HpoError, UsageError
 from hpo.spec import StudySpec, find_study, load_spec
 
 if TYPE_CHECKING:  # imported lazily below: a bad flag should fail fast, before torch loads
@@ -53,6 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_non_negative_int, help="sampler and trial seed (overrides [study] seed)")
     parser.add_argument("--study-name", help="name of the study in the storage (overrides [study] name)")
     parser.add_argument("--max-epochs", type=_positive_int, help="epochs per trial at most (overrides [train] max_epochs)")
+    parser.add_argument(
+        "--gpus", help="start one worker process per GPU: 'all' or a list like 0,2,3 (no GPU: CPU workers)",
+    )
+    parser.add_argument(
+        "--workers-per-gpu", type=_positive_int, default=1,
+        help="worker processes per GPU (or on the CPU when there is none); default 1",
+    )
+    parser.add_argument("--checkpoint-dir", help="where running trials keep their last-epoch checkpoint (default: beside the SQLite file, else ./hpo-checkpoints)")
+    parser.add_argument(
+        "--heartbeat-interval", type=_positive_int, default=10,
+        help="seconds between a running trial's heartbeats in the storage (default 10)",
+    )
+    parser.add_argument(
+        "--grace-period", type=_positive_int,
+        help="seconds without a heartbeat after which a trial is failed and re-queued (default 3 x interval)",
+    )
+    parser.add_argument("--worker-index", type=_non_negative_int, help=argparse.SUPPRESS)
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="log every epoch of every trial")
     noise.add_argument("-q", "--quiet", action="store_true", help="no progress bars; warnings and the summary only")
@@ -88,6 +104,16 @@ def configure_logging(*, verbose: bool, quiet: bool) -> None:
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(logging.WARNING if quiet else logging.INFO)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for handler in logging.getLogger().handlers:  # handler filters see records of every child logger
+        handler.addFilter(_drop_interrupt_traceback)
+
+
+def _drop_interrupt_traceback(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial stopped by Ctrl-C/SIGTERM with a traceback; the one-line message is enough."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def resolve_device(requested: str, source: str) -> torch.device:
@@ -190,68 +216,148 @@ def print_summary(study: optuna.Study, *, storage_shown: str, metric: str, secon
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
+    from hpo.worker import Terminated, install_sigterm_handler
 
-    def body() -> int:
+    try:
+        install_sigterm_handler()
         args = build_parser().parse_args(argv)
         spec = apply_overrides(load_spec(find_study(args.study)), args)
         configure_logging(verbose=args.verbose, quiet=args.quiet)
         return _run(spec, args, started)
+    except HpoError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        # Optuna has marked the running trial FAIL and the worker re-queued it: nothing is left RUNNING.
+        terminated = isinstance(interrupt, Terminated)
+        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
 
-    return guarded(PROG, body)
+
+def parse_gpus(text: str, available: int) -> tuple[str, ...]:
+    """``--gpus all`` or ``--gpus 0,2,3`` → GPU ids; () means CPU workers (all, on a machine without GPUs)."""
+    if text == "all":
+        return tuple(str(i) for i in range(available))
+    ids = text.split(",")
+    if not all(i.strip().isdigit() for i in ids):
+        raise UsageError(f"argument --gpus: must be 'all' or a list like 0,2,3, got {text!r}")
+    missing = [i.strip() for i in ids if int(i) >= available]
+    if missing:
+        raise UsageError(f"argument --gpus: GPU {missing[0]} does not exist here ({available} GPUs), got {text!r}")
+    return tuple(dict.fromkeys(i.strip() for i in ids))
+
+
+def _worker_argv(spec: StudySpec, args: argparse.Namespace, checkpoint_dir: Path) -> list[str]:
+    """The hpo.run arguments each launched worker gets (storage travels in HPO_STORAGE instead)."""
+    argv = ["--study", str(spec.path.resolve()), "--n-trials", str(args.n_trials), "--study-name", spec.study.name]
+    argv += ["--checkpoint-dir", str(checkpoint_dir.resolve()), "--heartbeat-interval", str(args.heartbeat_interval)]
+    for flag, value in (
+        ("--timeout", args.timeout), ("--data-dir", args.data_dir), ("--seed", args.seed),
+        ("--max-epochs", args.max_epochs), ("--grace-period", args.grace_period),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.verbose:
+        argv.append("--verbose")
+    return argv
+
+
+# SQLite lets one writer at a time; past this many local workers use PostgreSQL or MySQL.
+SQLITE_MAX_WORKERS = 8
 
 
 def _run(spec: StudySpec, args: argparse.Namespace, started: float) -> int:
     # Checks first, cheapest first, so that bad input never leaves anything in the storage.
-    from hpo.study import check_storage, count_finished, open_storage, open_study, redact, resolve_storage
+    from hpo.study import (
+        check_storage, count_finished, default_checkpoint_dir, open_storage, open_study, redact, resolve_storage,
+        sqlite_path,
+    )
 
     storage_url, storage_source = resolve_storage(args.storage)
     check_storage(storage_url, storage_source)
-    device = resolve_device(spec.train.device, "--device" if args.device else f"{spec.path}: [train] device")
+    launching = args.gpus is not None or args.workers_per_gpu > 1
+    if launching and args.worker_index is not None:
+        raise UsageError("argument --gpus/--workers-per-gpu: not allowed together with --worker-index")
+    if launching and args.device is not None:
+        raise UsageError("argument --device: not allowed with --gpus/--workers-per-gpu (each worker gets its own)")
+    if launching:
+        import torch
+
+        gpus = parse_gpus(args.gpus or "all", torch.cuda.device_count())
+        workers = max(1, len(gpus)) * args.workers_per_gpu
+        if sqlite_path(storage_url) is not None and workers > SQLITE_MAX_WORKERS:
+            raise UsageError(
+                f"argument --workers-per-gpu: {workers} workers on SQLite; at most {SQLITE_MAX_WORKERS} "
+                "(use a PostgreSQL or MySQL --storage for more)"
+            )
+        device = None
+    else:
+        device = resolve_device(spec.train.device, "--device" if args.device else f"{spec.path}: [train] device")
 
     from hpo.data import carve_validation, load_dataset
 
-    dataset = load_dataset(spec.data)
+    dataset = load_dataset(spec.data)  # launching: decodes and caches once, before the workers start
+    storage = open_storage(
+        storage_url, storage_source, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period
+    )
+    worker_index = args.worker_index or 0
+    study = open_study(spec, storage, sampler_seed=spec.study.seed + worker_index)
+    storage_shown = redact(storage_url)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(storage_url)
+    in_launcher = args.worker_index is None
+    done = count_finished(study)
+    if done >= args.n_trials:
+        logger.info("the study already has %d finished trials (budget %d): nothing to run", done, args.n_trials)
+        if in_launcher:
+            print_summary(study, storage_shown=storage_shown, metric=spec.study.metric, seconds=time.perf_counter() - started, ran=0)
+        return 0
+    before = len(study.trials)
+
+    if launching:
+        from hpo.launcher import launch, plan_workers
+
+        plan = plan_workers(gpus=gpus, per_gpu=args.workers_per_gpu, common_argv=_worker_argv(spec, args, checkpoint_dir))
+        code = launch(plan, storage_url=storage_url, study=study, budget=args.n_trials, show_progress=not args.quiet)
+        print_summary(
+            study, storage_shown=storage_shown, metric=spec.study.metric,
+            seconds=time.perf_counter() - started, ran=len(study.trials) - before,
+        )
+        return code
+
+    assert device is not None
     search_data = carve_validation(dataset, spec.data)
     logger.info(
         "%s: %d training and %d validation images of %s (test set held out), %d classes",
         spec.study.name, len(search_data.train), len(search_data.val), dataset.source, search_data.num_classes,
     )
-
-    storage = open_storage(storage_url, storage_source)
-    study = open_study(spec, storage, seed=spec.study.seed)
-    storage_shown = redact(storage_url)
-    done = count_finished(study)
-    if done >= args.n_trials:
-        logger.info("the study already has %d finished trials (budget %d): nothing to run", done, args.n_trials)
-        print_summary(study, storage_shown=storage_shown, metric=spec.study.metric, seconds=time.perf_counter() - started, ran=0)
-        return 0
     logger.info("running up to %d more trials on %s (budget %d, %d finished)", args.n_trials - done, device, args.n_trials, done)
 
-    import optuna
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from hpo.objective import Objective
-    from hpo.study import FINISHED_STATES
+    from hpo.worker import run_worker
 
-    progress = Progress(total=args.n_trials, done=done, max_epochs=spec.train.max_epochs, metric=spec.study.metric, enabled=not args.quiet)
-    objective = Objective(spec=spec, data=search_data.to(device), device=device, on_epoch=progress.on_epoch)
-    before = len(study.trials)
+    progress = Progress(
+        total=args.n_trials, done=done, max_epochs=spec.train.max_epochs, metric=spec.study.metric,
+        enabled=not args.quiet and in_launcher,
+    )
+    objective = Objective(
+        spec=spec, data=search_data.to(device), device=device, checkpoint_dir=checkpoint_dir,
+        budget=args.n_trials, on_epoch=progress.on_epoch,
+    )
     try:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         with logging_redirect_tqdm():
-            study.optimize(
-                objective,
-                timeout=args.timeout,
-                # The budget is the study's, not this process's: stop once it has n finished trials.
-                callbacks=[optuna.study.MaxTrialsCallback(args.n_trials, states=FINISHED_STATES), progress.on_trial_end],
-                gc_after_trial=False,
+            run_worker(
+                study, objective, budget=args.n_trials, timeout=args.timeout,
+                heartbeat_interval=args.heartbeat_interval, callbacks=[progress.on_trial_end],
             )
     finally:
         progress.close()
-    print_summary(
-        study, storage_shown=storage_shown, metric=spec.study.metric,
-        seconds=time.perf_counter() - started, ran=len(study.trials) - before,
-    )
+    if in_launcher:
+        print_summary(
+            study, storage_shown=storage_shown, metric=spec.study.metric,
+            seconds=time.perf_counter() - started, ran=len(study.trials) - before,
+        )
     return 0
 
 

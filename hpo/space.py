@@ -23,9 +23,20 @@ from typing import TYPE_CHECKING, Any, Union
 if TYPE_CHECKING:
     import optuna
 
-Value = Union[int, float, str]
+Value = Union[int, float, str, bool]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+POOLS = ("max", "avg", "none")
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "elu", "tanh", "sigmoid")
+INITS = ("default", "kaiming", "xavier")
+SCHEDULES = ("none", "step", "cosine", "onecycle")
+LR_SCALINGS = ("none", "linear")
+CLASS_WEIGHTINGS = ("none", "balanced")
+# The hyperparameters that shape the configurable CNN; the fixed architectures ignore them.
+CNN_ONLY = (
+    "kernel_size", "depth", "base_width", "dropout", "stride", "pool", "batch_norm", "activation",
+    "conv_dropout", "dense_width",
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,34 @@ class Hyperparameters:
     dropout: float = 0.0
     optimizer: str = "adamw"
     momentum: float = 0.9
+    # Architecture of the configurable CNN (see hpo.models.conv_net).
+    stride: int = 1
+    pool: str = "max"
+    batch_norm: bool = True
+    activation: str = "relu"
+    conv_dropout: float = 0.0
+    dense_width: int = 0
+    init: str = "default"
+    # Optimization.
+    nesterov: bool = True
+    schedule: str = "none"
+    step_size: int = 5
+    gamma: float = 0.1
+    warmup_fraction: float = 0.3
+    lr_scaling: str = "none"
+    reference_batch_size: int = 128
+    l1: float = 0.0
+    label_smoothing: float = 0.0
+    class_weighting: str = "none"
+    # Augmentation strength (when [train] augment is on): zero padding in pixels of the random crop.
+    crop_padding: int = 4
+    flip: bool = True
+
+    def scaled_lr(self) -> float:
+        """The learning rate the optimizer gets: ``lr`` times batch_size / reference_batch_size when linear scaling is on."""
+        if self.lr_scaling == "linear":
+            return self.lr * self.batch_size / self.reference_batch_size
+        return self.lr
 
 
 def _positive(value: Value) -> str | None:
@@ -96,8 +135,31 @@ def _depth(value: Value) -> str | None:
     return None if 1 <= value <= 5 else "must be from 1 to 5"  # type: ignore[operator]
 
 
-def _optimizer(value: Value) -> str | None:
-    return None if value in OPTIMIZERS else f"must be one of {', '.join(OPTIMIZERS)}"
+def _one_of(*allowed: str) -> Callable[[Value], str | None]:
+    def check(value: Value) -> str | None:
+        return None if value in allowed else f"must be one of {', '.join(allowed)}"
+
+    return check
+
+
+def _any(value: Value) -> str | None:
+    return None
+
+
+def _stride(value: Value) -> str | None:
+    return None if value in (1, 2) else "must be 1 or 2"
+
+
+def _open_fraction(value: Value) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"  # type: ignore[operator]
+
+
+def _gamma(value: Value) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"  # type: ignore[operator]
+
+
+def _crop_padding(value: Value) -> str | None:
+    return None if 0 <= value <= 16 else "must be from 0 to 16"  # type: ignore[operator]
 
 
 @dataclass(frozen=True)
@@ -119,10 +181,33 @@ PARAMETERS: Mapping[str, Parameter] = {
     "depth": Parameter(int, _depth, "conv blocks; channels double per block"),
     "base_width": Parameter(int, _positive, "channels of the first conv block"),
     "dropout": Parameter(float, _fraction, "dropout before the classifier"),
-    "optimizer": Parameter(str, _optimizer, "sgd (Nesterov momentum), adam, adamw or rmsprop"),
+    "optimizer": Parameter(str, _one_of(*OPTIMIZERS), "sgd, adam, adamw or rmsprop"),
     "momentum": Parameter(
         float, _fraction, "momentum of sgd and rmsprop", only_when=("optimizer", ("sgd", "rmsprop"))
     ),
+    "stride": Parameter(int, _stride, "stride of every conv"),
+    "pool": Parameter(str, _one_of(*POOLS), "2x2 pool after every conv block"),
+    "batch_norm": Parameter(bool, _any, "BatchNorm after every conv"),
+    "activation": Parameter(str, _one_of(*ACTIVATIONS), "nonlinearity of the CNN"),
+    "conv_dropout": Parameter(float, _fraction, "channel dropout after every conv block"),
+    "dense_width": Parameter(int, _non_negative, "hidden dense layer before the classifier (0: none)"),
+    "init": Parameter(str, _one_of(*INITS), "weight initialization of conv and linear layers"),
+    "nesterov": Parameter(bool, _any, "Nesterov momentum for sgd", only_when=("optimizer", ("sgd",))),
+    "schedule": Parameter(str, _one_of(*SCHEDULES), "learning-rate schedule"),
+    "step_size": Parameter(int, _positive, "epochs between StepLR decays", only_when=("schedule", ("step",))),
+    "gamma": Parameter(float, _gamma, "StepLR decay factor", only_when=("schedule", ("step",))),
+    "warmup_fraction": Parameter(
+        float, _open_fraction, "one-cycle: share of the steps spent warming up", only_when=("schedule", ("onecycle",))
+    ),
+    "lr_scaling": Parameter(str, _one_of(*LR_SCALINGS), "linear: lr grows with batch_size / reference_batch_size"),
+    "reference_batch_size": Parameter(
+        int, _positive, "batch size at which lr applies unscaled", only_when=("lr_scaling", ("linear",))
+    ),
+    "l1": Parameter(float, _non_negative, "L1 penalty on conv and linear weights"),
+    "label_smoothing": Parameter(float, _fraction, "label smoothing of the training loss"),
+    "class_weighting": Parameter(str, _one_of(*CLASS_WEIGHTINGS), "balanced: loss weights inverse to class frequency"),
+    "crop_padding": Parameter(int, _crop_padding, "zero padding of the random crop, pixels (0: no crop)"),
+    "flip": Parameter(bool, _any, "random horizontal flip"),
 }
 assert tuple(PARAMETERS) == tuple(f.name for f in dataclasses.fields(Hyperparameters))
 
@@ -147,11 +232,12 @@ def _type_name(value: object) -> str:
 def _check_value(name: str, value: object) -> Value:
     """Type- and domain-check one value of hyperparameter ``name``; raise ValueError naming it."""
     param = PARAMETERS[name]
-    ok = (
-        isinstance(value, param.kind) and not isinstance(value, bool)
-        if param.kind is not float
-        else isinstance(value, (int, float)) and not isinstance(value, bool)
-    )
+    if param.kind is bool:
+        ok = isinstance(value, bool)
+    elif param.kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, param.kind) and not isinstance(value, bool)
     if not ok:
         raise ValueError(f"{name} must be {param.kind.__name__}, got {value!r} ({_type_name(value)})")
     if param.kind is float:
@@ -191,7 +277,7 @@ def _parse_entry(name: str, raw: object) -> Distribution:
             f"{name}: unknown key {', '.join(sorted(unknown))!s}; "
             "expected low, high, log, step or choices"
         )
-    if param.kind is str:
+    if param.kind in (str, bool):
         raise ValueError(f"{name} is categorical: use {{ choices = [...] }}, got a range")
     if "low" not in raw or "high" not in raw:
         raise ValueError(f"{name}: a range needs both low and high, got {raw!r}")
@@ -232,7 +318,44 @@ def parse_space(table: Mapping[str, Any]) -> SearchSpace:
         else:
             dist = Fixed(getattr(Hyperparameters(), name))
         entries.append((name, dist))
+    chosen = dict(entries)
+    for name, dist in entries:
+        condition = PARAMETERS[name].only_when
+        if condition is None or isinstance(dist, Fixed):
+            continue
+        parent, applies_for = condition
+        parent_dist = chosen[parent]
+        possible = parent_dist.choices if isinstance(parent_dist, Choice) else (getattr(parent_dist, "value", None),)
+        if not set(possible) & set(applies_for):
+            raise ValueError(
+                f"{name} is searched but applies only when {parent} is {' or '.join(map(str, applies_for))}, "
+                f"and {parent} is never that here (got {parent} = {possible[0] if len(possible) == 1 else list(possible)!r})"
+            )
     return SearchSpace(entries=tuple(entries))
+
+
+def grid(space: SearchSpace) -> dict[str, tuple[Value, ...]]:
+    """Every value of every searched hyperparameter, for Optuna's GridSampler; ValueError on a continuous range.
+
+    A conditional hyperparameter is part of the grid even where it does not apply, so such grid
+    points repeat a configuration (Optuna's GridSampler has no conditional grids).
+    """
+    values: dict[str, tuple[Value, ...]] = {}
+    for name, dist in space.entries:
+        if isinstance(dist, Choice):
+            values[name] = dist.choices
+        elif isinstance(dist, IntRange):
+            values[name] = tuple(range(dist.low, dist.high + 1, dist.step))
+        elif isinstance(dist, FloatRange):
+            if dist.step is None:
+                raise ValueError(
+                    f"{name}: a grid search needs choices or a range with a step, "
+                    f"got low={dist.low!r} high={dist.high!r} without step"
+                )
+            # Rounded so that every point lies on the step grid that suggest_float checks.
+            count = math.floor((dist.high - dist.low) / dist.step + 1e-9)
+            values[name] = tuple(round(dist.low + i * dist.step, 12) for i in range(count + 1))
+    return values
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> Hyperparameters:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from hpo.errors import SpecError
-from hpo.space import SearchSpace, parse_space
+from hpo.space import CNN_ONLY, SearchSpace, grid, parse_space
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -53,7 +53,8 @@ class StudySection:
 
 @dataclass(frozen=True)
 class DataSection:
-    dataset: Literal["cifar10", "image_folder"] = "cifar10"
+    # A key of hpo.data.DATASETS (kept torch-free here; a test checks that the two agree).
+    dataset: Literal["cifar10", "cifar100", "mnist", "fashion_mnist", "image_folder"] = "cifar10"
     # Folder torchvision downloads into, a folder with train/<class>/ and test/<class>/ images,
     # or a .tar.gz of such a folder. Relative paths are relative to the working directory.
     data_dir: str = "data"
@@ -63,8 +64,12 @@ class DataSection:
     # Random subsets of the training and validation parts (None: all of it), for quick studies.
     train_subset: int | None = None
     val_subset: int | None = None
-    # Side in pixels that image-folder images are resized to (CIFAR-10 is 32 already).
-    image_size: int = 32
+    # Side in pixels that images are resized to; None: the dataset's own (CIFAR 32, MNIST 28,
+    # image folders 32).
+    image_size: int | None = None
+    # Colour channels, 1 (grayscale) or 3 (RGB); None: the dataset's own (MNIST 1, CIFAR 3), and
+    # for image folders 1 when every training image is gray, else 3.
+    channels: int | None = None
     # Seeds the train/validation split; the same for every trial so that trials are comparable.
     split_seed: int = 0
 
@@ -75,16 +80,22 @@ class DataSection:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value!r}")
-        if not 8 <= self.image_size <= 512:
+        if self.image_size is not None and not 8 <= self.image_size <= 512:
             raise ValueError(f"image_size must be from 8 to 512, got {self.image_size!r}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
 
 
 @dataclass(frozen=True)
 class TrainSection:
     max_epochs: int = 10
     device: str = "auto"
-    # Random crop (4 px padding) and horizontal flip of training images, on the device.
+    # Random crop and horizontal flip of training images, on the device; their strength is the
+    # crop_padding and flip hyperparameters of [space]. false: no augmentation whatever [space] says.
     augment: bool = True
+    # torch.compile the model. Off by default: every trial pays the compile time again, which
+    # faster epochs must repay; bench/throughput.py --compile measures both ways.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
@@ -96,7 +107,8 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    name: Literal["cnn"] = "cnn"
+    # A key of hpo.models.MODELS (kept torch-free here; a test checks that the two agree).
+    name: Literal["cnn", "resnet18", "resnet9"] = "cnn"
 
 
 @dataclass(frozen=True)
@@ -105,15 +117,59 @@ class TpeSamplerSpec:
     n_startup_trials: int = 10
     multivariate: bool = True
     constant_liar: bool = True
+    # Multivariate TPE per group of hyperparameters that occur together: for conditional spaces.
+    group: bool = False
 
     def __post_init__(self) -> None:
-        if self.n_startup_trials < 0:
-            raise ValueError(f"n_startup_trials must be >= 0, got {self.n_startup_trials!r}")
+        _at_least(self, n_startup_trials=0)
+        if self.group and not self.multivariate:
+            raise ValueError("group = true needs multivariate = true")
 
 
 @dataclass(frozen=True)
 class RandomSamplerSpec:
     pass
+
+
+@dataclass(frozen=True)
+class GridSamplerSpec:
+    """Every combination of the [space] choices and int ranges (float ranges need a step)."""
+
+
+@dataclass(frozen=True)
+class CmaEsSamplerSpec:
+    # Random trials before CMA-ES starts; categorical hyperparameters are always sampled at random.
+    n_startup_trials: int = 1
+    # Initial step size (None: Optuna's, a sixth of each range).
+    sigma0: float | None = None
+    # Keeps int and stepped hyperparameters from getting stuck on one value (CMA-ES with margin).
+    with_margin: bool = False
+    # Learning-rate adaptation, for noisy objectives.
+    lr_adapt: bool = False
+    popsize: int | None = None
+    consider_pruned_trials: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least(self, n_startup_trials=0, popsize=2)
+        if self.sigma0 is not None and not self.sigma0 > 0:
+            raise ValueError(f"sigma0 must be > 0, got {self.sigma0!r}")
+
+
+@dataclass(frozen=True)
+class GpSamplerSpec:
+    # Random trials before the Gaussian process takes over.
+    n_startup_trials: int = 10
+    deterministic_objective: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least(self, n_startup_trials=0)
+
+
+@dataclass(frozen=True)
+class QmcSamplerSpec:
+    qmc_type: Literal["sobol", "halton"] = "sobol"
+    # Scrambled with the study seed; unscrambled sequences are the same in every study.
+    scramble: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +181,20 @@ class MedianPrunerSpec:
     interval_steps: int = 1
 
     def __post_init__(self) -> None:
+        _at_least(self, n_startup_trials=0, n_warmup_steps=0, interval_steps=1)
+
+
+@dataclass(frozen=True)
+class PercentilePrunerSpec:
+    # Prune a trial whose epoch value is worse than this percentile (0..100) of the others' at that epoch.
+    percentile: float = 25.0
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.percentile <= 100:
+            raise ValueError(f"percentile must be from 0 to 100, got {self.percentile!r}")
         _at_least(self, n_startup_trials=0, n_warmup_steps=0, interval_steps=1)
 
 
@@ -151,18 +221,66 @@ class HyperbandPrunerSpec:
 
 
 @dataclass(frozen=True)
+class PatientPrunerSpec:
+    # Prune once the metric has not improved by more than min_delta for patience epochs in a row.
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _at_least(self, patience=0)
+        if self.min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {self.min_delta!r}")
+
+
+@dataclass(frozen=True)
+class ThresholdPrunerSpec:
+    # Prune a trial whose epoch value falls below lower or rises above upper (in metric units).
+    lower: float | None = None
+    upper: float | None = None
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lower is None and self.upper is None:
+            raise ValueError("give lower, upper or both")
+        if self.lower is not None and self.upper is not None and not self.lower < self.upper:
+            raise ValueError(f"lower must be < upper, got lower={self.lower!r} upper={self.upper!r}")
+        _at_least(self, n_warmup_steps=0, interval_steps=1)
+
+
+@dataclass(frozen=True)
 class NopPrunerSpec:
     pass
 
 
-SamplerSpec = Union[TpeSamplerSpec, RandomSamplerSpec]
-PrunerSpec = Union[MedianPrunerSpec, SuccessiveHalvingPrunerSpec, HyperbandPrunerSpec, NopPrunerSpec]
+SamplerSpec = Union[
+    TpeSamplerSpec, RandomSamplerSpec, GridSamplerSpec, CmaEsSamplerSpec, GpSamplerSpec, QmcSamplerSpec
+]
+PrunerSpec = Union[
+    MedianPrunerSpec,
+    PercentilePrunerSpec,
+    SuccessiveHalvingPrunerSpec,
+    HyperbandPrunerSpec,
+    PatientPrunerSpec,
+    ThresholdPrunerSpec,
+    NopPrunerSpec,
+]
 
-SAMPLERS: Mapping[str, type] = {"tpe": TpeSamplerSpec, "random": RandomSamplerSpec}
+SAMPLERS: Mapping[str, type] = {
+    "tpe": TpeSamplerSpec,
+    "random": RandomSamplerSpec,
+    "grid": GridSamplerSpec,
+    "cmaes": CmaEsSamplerSpec,
+    "gp": GpSamplerSpec,
+    "qmc": QmcSamplerSpec,
+}
 PRUNERS: Mapping[str, type] = {
     "median": MedianPrunerSpec,
+    "percentile": PercentilePrunerSpec,
     "successive_halving": SuccessiveHalvingPrunerSpec,
     "hyperband": HyperbandPrunerSpec,
+    "patient": PatientPrunerSpec,
+    "threshold": ThresholdPrunerSpec,
     "none": NopPrunerSpec,
 }
 
@@ -269,13 +387,25 @@ def load_spec(path: Path) -> StudySpec:
         space = parse_space(raw.get("space", {}))
     except ValueError as exc:
         raise SpecError(f"{path}: [space] {exc}") from exc
+    model = _build(ModelSection, raw.get("model", {}), f"{path}: [model]")
+    ignored = [key for key in raw.get("space", {}) if key in CNN_ONLY]
+    if model.name != "cnn" and ignored:
+        raise SpecError(
+            f"{path}: [space] {ignored[0]} shapes the cnn model only; model {model.name!r} is a fixed architecture"
+        )
+    sampler = _typed_section(SAMPLERS, {"type": "tpe", **raw.get("sampler", {})}, f"{path}: [sampler]")
+    if isinstance(sampler, GridSamplerSpec):
+        try:
+            grid(space)
+        except ValueError as exc:
+            raise SpecError(f"{path}: [space] {exc}") from exc
     return StudySpec(
         path=path,
         study=_build(StudySection, study_table, f"{path}: [study]"),
         data=_build(DataSection, raw.get("data", {}), f"{path}: [data]"),
         train=train,
-        model=_build(ModelSection, raw.get("model", {}), f"{path}: [model]"),
-        sampler=_typed_section(SAMPLERS, {"type": "tpe", **raw.get("sampler", {})}, f"{path}: [sampler]"),
+        model=model,
+        sampler=sampler,
         pruner=pruner,
         space=space,
     )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
+import threading
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -12,13 +15,21 @@ import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
 from hpo.errors import StorageError
+from hpo.space import grid
 from hpo.spec import (
+    CmaEsSamplerSpec,
+    GpSamplerSpec,
+    GridSamplerSpec,
     HyperbandPrunerSpec,
     MedianPrunerSpec,
     NopPrunerSpec,
+    PatientPrunerSpec,
+    PercentilePrunerSpec,
+    QmcSamplerSpec,
     RandomSamplerSpec,
     StudySpec,
     SuccessiveHalvingPrunerSpec,
+    ThresholdPrunerSpec,
     TpeSamplerSpec,
 )
 
@@ -30,6 +41,8 @@ DEFAULT_STORAGE = "sqlite:///hpo.db"
 CONNECT_TIMEOUT_S = 10
 # Trials finished for the budget: a pruned trial is a finished search decision too.
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# Times a trial whose worker died is re-queued before it is given up.
+MAX_RETRY = 3
 
 
 def resolve_storage(flag: str | None) -> tuple[str, str]:
@@ -101,12 +114,77 @@ def check_storage(url: str, source: str) -> None:
         engine.dispose()
 
 
-def open_storage(url: str, source: str) -> optuna.storages.RDBStorage:
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL, or None for other databases and in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
+# Optuna >= 4.9 names the callback RetryHeartbeatStaleTrialCallback; older versions RetryFailedTrialCallback.
+_NEW_RETRY = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+
+
+def retry_callback() -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Re-queues a failed trial: same params, its intermediate values inherited, MAX_RETRY times at most."""
+    cls = optuna.storages.RetryHeartbeatStaleTrialCallback if _NEW_RETRY else optuna.storages.RetryFailedTrialCallback
+    return cls(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+
+
+def open_storage(
+    url: str, source: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None
+) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with our engine settings and, given an interval, heartbeats.
+
+    With heartbeats, a trial whose worker stops beating for ``grace_period`` seconds is marked FAIL
+    and re-queued (up to MAX_RETRY times) with its intermediate values.
+    """
     parsed = _parse(url, source)
+    path = sqlite_path(url)
+    if path is not None:
+        # Write-ahead logging: readers never block the writer, so local workers rarely wait on a
+        # lock. The mode is stored in the file, so setting it once per open is enough.
+        connection = sqlite3.connect(path, timeout=60)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+        finally:
+            connection.close()
+    heartbeat: dict[str, Any] = {}
+    if heartbeat_interval is not None:
+        heartbeat = {
+            "heartbeat_interval": heartbeat_interval,
+            "grace_period": grace_period if grace_period is not None else 3 * heartbeat_interval,
+            ("heartbeat_stale_trial_callback" if _NEW_RETRY else "failed_trial_callback"): retry_callback(),
+        }
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(parsed))
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(parsed), **heartbeat)
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise StorageError(f"{source}: cannot open {redact(url)}: {str(exc).splitlines()[0]}") from exc
+
+
+class Reaper(threading.Thread):
+    """Marks trials of dead workers FAIL (and so re-queues them) every ``interval`` seconds.
+
+    Optuna reaps stale trials only when a worker starts a new trial; this thread does it even
+    while every live worker is busy with a long trial.
+    """
+
+    def __init__(self, *, study: optuna.Study, interval: float) -> None:
+        super().__init__(name="hpo-reaper", daemon=True)
+        self.study = study
+        self.interval = interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                optuna.storages.fail_stale_trials(self.study)
+            except Exception:  # a dropped connection must not kill the thread; next round retries
+                logger.warning("reaping stale trials failed; retrying in %.0f s", self.interval, exc_info=True)
+
+    def stop(self) -> None:
+        self._stop_event.set()
 
 
 def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
@@ -116,8 +194,30 @@ def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
             n_startup_trials=sampler.n_startup_trials,
             multivariate=sampler.multivariate,
             constant_liar=sampler.constant_liar,
+            group=sampler.group,
             seed=seed,
         )
+    if isinstance(sampler, GridSamplerSpec):
+        # Stops the study by itself once every grid point has been tried.
+        return optuna.samplers.GridSampler(grid(spec.space), seed=seed)  # type: ignore[arg-type]
+    if isinstance(sampler, CmaEsSamplerSpec):
+        return optuna.samplers.CmaEsSampler(
+            n_startup_trials=sampler.n_startup_trials,
+            sigma0=sampler.sigma0,
+            with_margin=sampler.with_margin,
+            lr_adapt=sampler.lr_adapt,
+            popsize=sampler.popsize,
+            consider_pruned_trials=sampler.consider_pruned_trials,
+            seed=seed,
+        )
+    if isinstance(sampler, GpSamplerSpec):
+        return optuna.samplers.GPSampler(
+            n_startup_trials=sampler.n_startup_trials,
+            deterministic_objective=sampler.deterministic_objective,
+            seed=seed,
+        )
+    if isinstance(sampler, QmcSamplerSpec):
+        return optuna.samplers.QMCSampler(qmc_type=sampler.qmc_type, scramble=sampler.scramble, seed=seed)
     assert isinstance(sampler, RandomSamplerSpec)
     return optuna.samplers.RandomSampler(seed=seed)
 
@@ -126,6 +226,13 @@ def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     pruner = spec.pruner
     if isinstance(pruner, MedianPrunerSpec):
         return optuna.pruners.MedianPruner(
+            n_startup_trials=pruner.n_startup_trials,
+            n_warmup_steps=pruner.n_warmup_steps,
+            interval_steps=pruner.interval_steps,
+        )
+    if isinstance(pruner, PercentilePrunerSpec):
+        return optuna.pruners.PercentilePruner(
+            percentile=pruner.percentile,
             n_startup_trials=pruner.n_startup_trials,
             n_warmup_steps=pruner.n_warmup_steps,
             interval_steps=pruner.interval_steps,
@@ -141,6 +248,13 @@ def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             min_resource=pruner.min_resource,
             max_resource=pruner.max_resource if pruner.max_resource is not None else spec.train.max_epochs,
             reduction_factor=pruner.reduction_factor,
+        )
+    if isinstance(pruner, PatientPrunerSpec):
+        return optuna.pruners.PatientPruner(None, patience=pruner.patience, min_delta=pruner.min_delta)
+    if isinstance(pruner, ThresholdPrunerSpec):
+        return optuna.pruners.ThresholdPruner(
+            lower=pruner.lower, upper=pruner.upper,
+            n_warmup_steps=pruner.n_warmup_steps, interval_steps=pruner.interval_steps,
         )
     assert isinstance(pruner, NopPrunerSpec)
     return optuna.pruners.NopPruner()
@@ -175,7 +289,7 @@ def load_existing_study(url: str, source: str, name: str, *, flag: str) -> optun
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, seed: int) -> optuna.Study:
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, sampler_seed: int) -> optuna.Study:
     """Create the study, or resume it when one of that name already exists."""
     direction = spec.study.direction
     assert direction is not None
@@ -189,7 +303,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, seed: int)
         storage=storage,
         study_name=spec.study.name,
         direction=direction,
-        sampler=create_sampler(spec, seed),
+        sampler=create_sampler(spec, sampler_seed),
         pruner=create_pruner(spec),
         load_if_exists=True,
     )
@@ -199,3 +313,11 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, seed: int)
 
 def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def default_checkpoint_dir(url: str) -> Path:
+    """Beside a SQLite file (``hpo.db`` → ``hpo-checkpoints/``), else ``./hpo-checkpoints``."""
+    path = sqlite_path(url)
+    if path is not None:
+        return path.with_name(f"{path.stem}-checkpoints")
+    return Path("hpo-checkpoints")

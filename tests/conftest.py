@@ -43,7 +43,7 @@ seed = 0
 dataset = "cifar10"
 data_dir = "{data_dir}"
 val_fraction = 0.1
-train_subset = 256
+train_subset = {train_subset}
 val_subset = 128
 
 [train]
@@ -75,11 +75,13 @@ def write_study(
     sampler: str = "random",
     pruner: str = 'type = "none"',
     lr: str = "{ low = 1e-3, high = 1e-1, log = true }",
+    train_subset: int = 256,
 ) -> Path:
     path = folder / f"{name}.toml"
     path.write_text(
         TINY_STUDY.format(
-            name=name, data_dir=archive.as_posix(), max_epochs=max_epochs, sampler=sampler, pruner=pruner, lr=lr
+            name=name, data_dir=archive.as_posix(), max_epochs=max_epochs, sampler=sampler, pruner=pruner, lr=lr,
+            train_subset=train_subset,
         )
     )
     return path

@@ -11,7 +11,7 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import FinishedStudy
-from hpo.best import load_checkpoint, main, model_from_checkpoint
+from hpo.best import load_model, main
 from hpo.data import Normalizer, Split, load_dataset
 from hpo.spec import load_spec
 from hpo.train import evaluate
@@ -43,7 +43,7 @@ def test_best_model_checkpoint_loads_and_matches_the_printed_accuracy(
 
     blob = torch.load(path.group(1), weights_only=True)  # plain types and tensors only
     assert isinstance(blob["state_dict"], dict) and isinstance(blob["hyperparameters"], dict)
-    checkpoint = load_checkpoint(Path(path.group(1)))
+    checkpoint = load_model(Path(path.group(1)))
     best = optuna.load_study(study_name="tiny", storage=finished_study.url).best_trial
     assert checkpoint.trial == best.number and checkpoint.seed == best.user_attrs["seed"]
     assert checkpoint.epochs == best.user_attrs["epochs"] == 2
@@ -55,7 +55,7 @@ def test_best_model_checkpoint_loads_and_matches_the_printed_accuracy(
     test = dataset.test_labels.shape[0]
     assert f"on {test} test images" in out
     loss, accuracy = evaluate(
-        model_from_checkpoint(checkpoint),
+        checkpoint.build(),
         Split(images=dataset.test_images, labels=dataset.test_labels),
         Normalizer(mean=checkpoint.mean, std=checkpoint.std, device=torch.device("cpu")),
         torch.device("cpu"),

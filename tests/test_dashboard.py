@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import FinishedStudy
-from hpo.dashboard import main, note_pruned
+from hpo.dashboard import main, note_pruned, pruning_note
 
 # Seconds to wait for the server to answer: Python, optuna and the dashboard load first.
 START_TIMEOUT_S = 60
@@ -169,3 +169,22 @@ def test_without_optuna_dashboard_no_note_is_written(monkeypatch: pytest.MonkeyP
     import optuna_dashboard
 
     assert optuna_dashboard.get_note(_pruned_in_memory(dashboard_installed=False, monkeypatch=monkeypatch)) == ""
+
+
+@pytest.mark.parametrize(
+    ("pruner", "expected"),
+    [
+        (optuna.pruners.PercentilePruner(25.0, n_startup_trials=0), "- threshold: the 25th percentile 1.5000 of the 2"),
+        (optuna.pruners.SuccessiveHalvingPruner(), "- why: it was not among the best share"),
+    ],
+)
+def test_other_pruners_get_their_own_note(pruner: optuna.pruners.BasePruner, expected: str) -> None:
+    study = optuna.create_study(pruner=pruner)
+    for value in (1.0, 3.0):
+        trial = study.ask()
+        trial.report(value, 1)
+        study.tell(trial, value)
+    trial = study.ask()
+    trial.report(2.5, 1)
+    note = pruning_note(trial, epoch=1, value=2.5, best=2.5, metric="val_loss")
+    assert note.startswith(f"**Pruned at epoch 1** by {type(pruner).__name__}.") and expected in note, note

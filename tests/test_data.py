@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpo.data import CROP_PADDING, Normalizer, augment, cache_dir, carve_validation, load_dataset, train_batches
+from hpo.data import (
+    DATASETS,
+    Augmentation,
+    Normalizer,
+    augment,
+    cache_dir,
+    carve_validation,
+    load_dataset,
+    train_batches,
+)
 from hpo.errors import DataError
 from hpo.spec import DataSection
 
@@ -59,11 +68,19 @@ def test_missing_data_offline_says_where_it_looked(tmp_path: Path, monkeypatch: 
         load_dataset(DataSection(data_dir=str(tmp_path)))
 
 
-def test_augment_is_a_per_image_crop_and_flip_of_the_padded_image() -> None:
-    images = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
-    out = augment(images, torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("dataset", ["cifar100", "mnist", "fashion_mnist"])
+def test_other_datasets_missing_offline_say_where_they_looked(tmp_path: Path, dataset: str) -> None:
+    with pytest.raises(DataError, match=rf"dataset {dataset} not found: looked in {tmp_path} .*HPO_OFFLINE=1.*--data-dir") as caught:
+        load_dataset(DataSection(dataset=dataset, data_dir=str(tmp_path)))  # type: ignore[arg-type]
+    assert "HPO_DATA_ARCHIVE" not in str(caught.value), "the archive variable is for cifar10 only"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_augment_is_a_per_image_crop_and_flip_of_the_padded_image(channels: int) -> None:
+    images = torch.randint(0, 256, (16, 8, 8, channels), dtype=torch.uint8)
+    out = augment(images, torch.Generator().manual_seed(0), Augmentation(crop_padding=4, flip=True))
     assert out.shape == images.shape and out.dtype == torch.uint8
-    pad = CROP_PADDING
+    pad = 4
     padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
     offsets = set()
     for i in range(len(images)):
@@ -81,9 +98,26 @@ def test_augment_is_a_per_image_crop_and_flip_of_the_padded_image() -> None:
     assert len(offsets) > 4, "each image gets its own crop, not one per batch"
 
 
+def test_augmentation_strength_is_configurable() -> None:
+    images = torch.randint(0, 256, (32, 8, 8, 3), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(images, generator, Augmentation(crop_padding=0, flip=False)), images)
+    flipped = augment(images, generator, Augmentation(crop_padding=0, flip=True))
+    same = [torch.equal(flipped[i], images[i]) for i in range(32)]
+    mirrored = [torch.equal(flipped[i], images[i].flip(1)) for i in range(32)]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
+    cropped = augment(images, generator, Augmentation(crop_padding=2, flip=False))
+    assert not torch.equal(cropped, images)
+    # With at most 2 px of padding, the centre 4x4 of every image survives somewhere unflipped.
+    assert all(
+        any(torch.equal(cropped[i, y : y + 4, x : x + 4], images[i, 2:6, 2:6]) for y in range(5) for x in range(5))
+        for i in range(32)
+    )
+
+
 def test_batches_cover_an_epoch_and_normalize_to_channels_last(cifar) -> None:
     data = carve_validation(cifar, DataSection(train_subset=300, val_subset=50))
-    batches = list(train_batches(data.train, batch_size=64, generator=torch.Generator().manual_seed(0), augment_images=False))
+    batches = list(train_batches(data.train, batch_size=64, generator=torch.Generator().manual_seed(0), augmentation=None))
     assert len(batches) == 4 and all(len(labels) == 64 for _, labels in batches)
     labels = torch.cat([labels for _, labels in batches])
     assert len(set(labels.tolist())) == 10
@@ -101,11 +135,68 @@ def test_image_folder_of_any_size_and_classes(tmp_path: Path) -> None:
             folder = tmp_path / "set" / split / name
             folder.mkdir(parents=True)
             for i in range(per_class):
-                Image.new("RGB" if i else "L", (40 + i, 30), colour[2]).save(folder / f"{i}.png")
+                # Gray pixels, stored as grayscale or as RGB.
+                Image.new("RGB" if i else "L", (40 + i, 30), (colour[2],) * 3 if i else colour[2]).save(folder / f"{i}.png")
     dataset = load_dataset(DataSection(dataset="image_folder", data_dir=str(tmp_path / "set"), image_size=16))
     assert dataset.classes == ("forest", "sea")
-    assert dataset.train_images.shape == (6, 16, 16, 3) and dataset.test_images.shape == (2, 16, 16, 3)
+    # Every image is gray (the RGB ones too): one channel, detected.
+    assert dataset.train_images.shape == (6, 16, 16, 1) and dataset.test_images.shape == (2, 16, 16, 1)
     assert dataset.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert dataset.mean == pytest.approx((dataset.train_images.float().mean().item() / 255,))
+    rgb = load_dataset(DataSection(dataset="image_folder", data_dir=str(tmp_path / "set"), image_size=16, channels=3))
+    assert rgb.train_images.shape == (6, 16, 16, 3) and len(rgb.mean) == 3
+
+
+def test_image_folder_colour_is_detected(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        folder = tmp_path / split / "only"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (20, 20), (200, 10, 10)).save(folder / "red.png")
+        Image.new("RGB", (20, 20), (10, 10, 200)).save(folder / "blue.png")
+    dataset = load_dataset(DataSection(dataset="image_folder", data_dir=str(tmp_path)))
+    assert dataset.image_shape == (3, 32, 32), "colour images keep 3 channels; the default size is 32 px"
+    assert dataset.std[0] > 0.3
+
+
+def test_a_named_dataset_from_a_folder_gets_its_shape_and_statistics(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for digit in ("0", "1"):
+            folder = tmp_path / split / digit
+            folder.mkdir(parents=True)
+            Image.new("RGB", (32, 32), (30, 90, 150)).save(folder / "a.png")
+    dataset = load_dataset(DataSection(dataset="mnist", data_dir=str(tmp_path)))
+    assert dataset.image_shape == (1, 28, 28), "MNIST's own size and channel count"
+    assert dataset.mean == DATASETS["mnist"].mean and dataset.std == DATASETS["mnist"].std
+    # RGB to gray with PIL's weights: 0.299 * 30 + 0.587 * 90 + 0.114 * 150 = 78.9, rounded.
+    assert dataset.train_images.unique().tolist() == [79]
+
+
+def _idx(path: Path, array: torch.Tensor) -> None:
+    """Write an uncompressed MNIST idx file (big-endian dims after a uint8 type code)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.numpy().tobytes())
+
+
+def test_torchvision_files_are_read_resized_and_converted(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    train = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8)
+    _idx(raw / "train-images-idx3-ubyte", train)
+    _idx(raw / "train-labels-idx1-ubyte", torch.arange(20, dtype=torch.uint8) % 10)
+    _idx(raw / "t10k-images-idx3-ubyte", train[:5])
+    _idx(raw / "t10k-labels-idx1-ubyte", torch.arange(5, dtype=torch.uint8))
+    dataset = load_dataset(DataSection(dataset="mnist", data_dir=str(tmp_path)))
+    assert dataset.image_shape == (1, 28, 28) and len(dataset.classes) == 10
+    assert torch.equal(dataset.train_images[..., 0], train) and dataset.train_labels.tolist()[:11] == [*range(10), 0]
+    assert dataset.mean == DATASETS["mnist"].mean
+    big = load_dataset(DataSection(dataset="mnist", data_dir=str(tmp_path), image_size=32, channels=3))
+    assert big.train_images.shape == (20, 32, 32, 3) and big.test_images.shape == (5, 32, 32, 3)
+    assert torch.equal(big.train_images[..., 0], big.train_images[..., 2]), "gray repeated into RGB"
+    assert len(big.mean) == 3 and big.mean[0] == pytest.approx(train.float().mean().item() / 255, abs=0.01)
 
 
 def test_image_folder_without_train_folder_is_named(tmp_path: Path) -> None:

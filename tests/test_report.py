@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import optuna
@@ -67,9 +66,8 @@ def test_report_of_a_tiny_study_matches_the_storage(finished_study: FinishedStud
 
 
 def test_report_of_a_running_study(finished_study: FinishedStudy, tmp_path: Path) -> None:
-    database = tmp_path / "running.db"
-    shutil.copy(Path(finished_study.url.removeprefix("sqlite:///")), database)
-    url = f"sqlite:///{database}"
+    url = f"sqlite:///{tmp_path / 'running.db'}"
+    optuna.copy_study(from_study_name=finished_study.name, from_storage=finished_study.url, to_storage=url)
     running = optuna.load_study(study_name=finished_study.name, storage=url).ask()
     running.report(2.5, 1)  # a worker is in its second epoch
     page, rows, summary = _report(finished_study.study_file, url, tmp_path / "out")

@@ -1,0 +1,241 @@
+"""Side-by-side speed of hpo's training pipeline, in one run, with ratios.
+
+Mode ``pipeline`` trains the same CNN with the same batch size and epochs through
+  (a) hpo's pipeline: data on the device once, per-image crop+flip and normalization batched on the
+      device, bf16 autocast and channels_last on CUDA, one host read per epoch (hpo.train.fit), and
+  (b) the common way: a torchvision-style Dataset over the same uint8 arrays with RandomCrop(32,
+      padding=4), RandomHorizontalFlip, ToTensor and Normalize behind a DataLoader (num_workers,
+      pin_memory), fp32, ``loss.item()`` every step,
+and prints training images/s of both and their ratio, peak GPU memory and validation accuracy.
+With ``--compile`` it adds (a) under torch.compile, with the compile time it costs.
+
+Mode ``workers`` runs a short study with K = 1, 2, 4 worker processes per GPU (``--workers-per-gpu``)
+and prints finished trials per hour for each, and the ratio to K = 1.
+
+    python bench/throughput.py pipeline --data ../shared/data/cifar10-jpg.tar.gz
+    python bench/throughput.py workers --data ../shared/data/cifar10-jpg.tar.gz --k 1 2 4 --n-trials 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hpo.data import SearchData, carve_validation, load_dataset  # noqa: E402
+from hpo.models import build_model  # noqa: E402
+from hpo.space import Hyperparameters  # noqa: E402
+from hpo.spec import DataSection  # noqa: E402
+from hpo.train import TrainConfig, fit  # noqa: E402
+
+# The CNN both pipelines train: the default cifar configuration's shape.
+MODEL = Hyperparameters(lr=2e-3, batch_size=256, kernel_size=3, weight_decay=5e-4, depth=3, base_width=32, optimizer="adamw")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    images_per_second: float  # training images per second, epochs after the first
+    first_epoch_seconds: float  # includes cudnn autotuning, worker start-up, compilation
+    val_accuracy: float
+    peak_memory_mib: float | None
+
+
+def _device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(text)
+
+
+def _reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def run_hpo(data: SearchData, device: torch.device, *, epochs: int, compile_model: bool) -> Measurement:
+    _reset_memory(device)
+    torch.manual_seed(0)
+    model = build_model(
+        "cnn", MODEL, in_channels=data.image_shape[0], num_classes=data.num_classes, image_size=data.image_shape[1]
+    )
+    config = TrainConfig(
+        lr=MODEL.lr, batch_size=MODEL.batch_size, weight_decay=MODEL.weight_decay, optimizer=MODEL.optimizer,
+        momentum=MODEL.momentum, max_epochs=epochs, augment=True, seed=0, device=device, compile=compile_model,
+    )
+    result = fit(model, data.to(device), config)
+    later = result.epochs[1:] or result.epochs
+    return Measurement(
+        name="hpo + torch.compile" if compile_model else "hpo",
+        images_per_second=float(np.mean([e.images_per_second for e in later])),
+        first_epoch_seconds=result.epochs[0].train_seconds,
+        val_accuracy=result.epochs[-1].val_accuracy,
+        peak_memory_mib=_peak_memory(device),
+    )
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """The common way: one PIL image per item, transformed on the CPU by torchvision."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: object) -> None:
+        self.images = images.numpy()
+        self.labels = labels.numpy()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def run_reference(data: SearchData, device: torch.device, *, epochs: int, num_workers: int) -> Measurement:
+    from torchvision import transforms
+
+    _reset_memory(device)
+    normalize = transforms.Normalize(data.mean, data.std)
+    train_set = ArrayDataset(
+        data.train.images, data.train.labels,
+        transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]),
+    )
+    val_set = ArrayDataset(data.val.images, data.val.labels, transforms.Compose([transforms.ToTensor(), normalize]))
+    loader_args = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "persistent_workers": num_workers > 0}
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=MODEL.batch_size, shuffle=True, drop_last=True, **loader_args)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1024, **loader_args)
+    torch.manual_seed(0)
+    model = build_model(
+        "cnn", MODEL, in_channels=data.image_shape[0], num_classes=data.num_classes, image_size=data.image_shape[1]
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=MODEL.lr, weight_decay=MODEL.weight_decay)
+    rates, first_epoch = [], 0.0
+    for epoch in range(epochs):
+        model.train()
+        start, seen, running_loss = time.perf_counter(), 0, 0.0
+        for images, labels in train_loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()  # the usual per-step read, which waits for the GPU
+            seen += len(labels)
+        seconds = time.perf_counter() - start
+        if epoch == 0:
+            first_epoch = seconds
+        if epoch > 0 or epochs == 1:
+            rates.append(seen / seconds)
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for images, labels in val_loader:
+            correct += (model(images.to(device)).argmax(1) == labels.to(device)).sum().item()
+    return Measurement(
+        name=f"reference (DataLoader, {num_workers} workers)",
+        images_per_second=float(np.mean(rates)),
+        first_epoch_seconds=first_epoch,
+        val_accuracy=correct / len(val_set),
+        peak_memory_mib=_peak_memory(device),
+    )
+
+
+def pipeline(args: argparse.Namespace) -> None:
+    device = _device(args.device)
+    dataset = load_dataset(DataSection(data_dir=args.data))
+    data = carve_validation(dataset, DataSection(data_dir=args.data, train_subset=args.images, val_subset=args.val_images))
+    workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {name}; torch {torch.__version__}; {len(data.train)} training / {len(data.val)} validation images; "
+          f"batch {MODEL.batch_size}; {args.epochs} epochs; model cnn depth {MODEL.depth} width {MODEL.base_width}")
+    results = [run_reference(data, device, epochs=args.epochs, num_workers=workers), run_hpo(data, device, epochs=args.epochs, compile_model=False)]
+    if args.compile:
+        results.append(run_hpo(data, device, epochs=args.epochs, compile_model=True))
+    base = results[0].images_per_second
+    print(f"{'pipeline':<34} {'images/s':>10} {'ratio':>7} {'1st epoch s':>12} {'val acc':>8} {'peak MiB':>9}")
+    for r in results:
+        memory = f"{r.peak_memory_mib:9.0f}" if r.peak_memory_mib is not None else f"{'n/a':>9}"
+        print(f"{r.name:<34} {r.images_per_second:10.0f} {r.images_per_second / base:6.2f}x {r.first_epoch_seconds:12.2f} {r.val_accuracy:8.2%} {memory}")
+
+
+BENCH_STUDY = """
+[study]
+name = "bench-k{k}"
+[data]
+data_dir = "{data}"
+train_subset = {images}
+val_subset = {val_images}
+[train]
+max_epochs = {epochs}
+[sampler]
+type = "random"
+[pruner]
+type = "none"
+[space]
+lr = {{ low = 1e-3, high = 1e-2, log = true }}
+batch_size = {batch_size}
+depth = {depth}
+base_width = {base_width}
+"""
+
+
+def workers(args: argparse.Namespace) -> None:
+    rates: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in args.k:
+            study = Path(tmp) / f"bench-k{k}.toml"
+            study.write_text(BENCH_STUDY.format(
+                k=k, data=Path(args.data).resolve().as_posix(), images=args.images, val_images=args.val_images,
+                epochs=args.epochs, batch_size=MODEL.batch_size, depth=MODEL.depth, base_width=MODEL.base_width,
+            ))
+            command = [
+                sys.executable, "-m", "hpo.run", "--study", str(study), "--n-trials", str(args.n_trials),
+                "--workers-per-gpu", str(k), "--storage", f"sqlite:///{tmp}/k{k}.db", "--quiet",
+            ]
+            start = time.perf_counter()
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if done.returncode != 0:
+                raise SystemExit(f"K={k} failed:\n{done.stdout}\n{done.stderr}")
+            rates[k] = args.n_trials / seconds * 3600
+            print(f"K={k}: {args.n_trials} trials in {seconds:.1f} s (start-up included) = {rates[k]:.0f} trials/hour")
+    base = rates[args.k[0]]
+    for k, rate in rates.items():
+        print(f"K={k}: {rate / base:.2f}x the trials/hour of K={args.k[0]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["pipeline", "workers"])
+    parser.add_argument("--data", default=os.environ.get("HPO_DATA_ARCHIVE", str(ROOT.parent / "shared/data/cifar10-jpg.tar.gz")))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--images", type=int, default=45000, help="training images (a random subset)")
+    parser.add_argument("--val-images", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs; images/s averages all but the first")
+    parser.add_argument("--num-workers", type=int, help="reference DataLoader workers (default: cores, at most 8)")
+    parser.add_argument("--compile", action="store_true", help="also time hpo's pipeline under torch.compile")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="workers per GPU to compare")
+    parser.add_argument("--n-trials", type=int, default=24, help="trials per K in workers mode")
+    args = parser.parse_args()
+    pipeline(args) if args.mode == "pipeline" else workers(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The benchmark script runs end to end in a CI-sized form; it asserts nothing about speed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+
+
+def _bench(archive: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--data", str(archive), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_pipeline_mode_prints_both_pipelines_and_the_ratio(archive: Path) -> None:
+    out = _bench(archive, "pipeline", "--images", "256", "--val-images", "64", "--epochs", "1", "--num-workers", "1")
+    assert "reference (DataLoader, 1 workers)" in out and "1.00x" in out
+    hpo_line = next(line for line in out.splitlines() if line.startswith("hpo "))
+    assert hpo_line.split()[2].endswith("x"), "hpo's images/s is shown as a ratio to the reference"
+    assert "%" in hpo_line, "validation accuracy is shown next to the speed"
+
+
+def test_workers_mode_prints_trials_per_hour_per_k(archive: Path) -> None:
+    out = _bench(archive, "workers", "--k", "1", "2", "--n-trials", "2", "--images", "128", "--val-images", "64", "--epochs", "1")
+    assert "K=1:" in out and "trials/hour" in out and "K=2: " in out and "the trials/hour of K=1" in out

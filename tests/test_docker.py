@@ -1,0 +1,76 @@
+"""The Docker files, checked against the code with what runs here (no Docker engine on these machines)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from sqlalchemy.engine import make_url
+
+from hpo.run import build_parser
+from hpo.spec import find_study, load_spec
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+ROOT = DOCKER.parent
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _workers(compose: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in compose["services"].items() if name.startswith("worker")}
+
+
+def test_dockerfile_builds_a_gpu_worker_from_the_official_pytorch_image() -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^FROM pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime$", text, re.M)
+    for source in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+    assert 'ENTRYPOINT ["python", "-m", "hpo.run"]' in text
+    cmd = re.search(r"^CMD (\[.*\])$", text, re.M)
+    assert cmd is not None
+    args = build_parser().parse_args(yaml.safe_load(cmd.group(1)))
+    assert load_spec(find_study(args.study)).study.name == "cifar"
+
+
+def test_postgres_has_a_healthcheck_a_volume_and_a_password_from_the_env_file() -> None:
+    postgres = _compose()["services"]["postgres"]
+    assert postgres["image"].startswith("postgres:")
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
+    assert postgres["env_file"] == ".env" and "POSTGRES_PASSWORD" not in postgres.get("environment", {})
+    example = (DOCKER / "env.example").read_text()
+    assert re.search(r"^POSTGRES_PASSWORD=", example, re.M)
+    assert "docker/.env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_each_worker_runs_hpo_on_its_own_gpu_against_postgres() -> None:
+    compose = _compose()
+    workers = _workers(compose)
+    assert len(workers) >= 2
+    device_ids = []
+    for name, worker in workers.items():
+        args = build_parser().parse_args(worker["command"])  # every flag exists and parses
+        find_study(args.study)
+        url = make_url(worker["environment"]["HPO_STORAGE"].replace("${POSTGRES_PASSWORD}", "x"))
+        assert url.get_backend_name() == "postgresql" and url.host == "postgres", name
+        assert url.password == "x", "the password is interpolated from .env, not written here"
+        assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert args.checkpoint_dir and any(v.endswith(":" + args.checkpoint_dir) for v in worker["volumes"]), (
+            "checkpoints live on a volume every worker shares, so any worker can resume a dead one's trial"
+        )
+        (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        device_ids += device["device_ids"]
+    assert len(device_ids) == len(set(device_ids)) == len(workers), "one GPU per worker"
+    for volume in ("pgdata", "data", "checkpoints"):
+        assert volume in compose["volumes"]
+
+
+def test_dashboard_is_bound_to_localhost() -> None:
+    dashboard = _compose()["services"]["dashboard"]
+    assert all(port.startswith("127.0.0.1:") for port in dashboard["ports"])
+    assert dashboard["entrypoint"][0] == "optuna-dashboard"
+    assert make_url(dashboard["command"][0].replace("${POSTGRES_PASSWORD}", "x")).host == "postgres"
