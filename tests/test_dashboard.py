@@ -138,15 +138,21 @@ def test_without_optuna_dashboard_the_command_says_how_to_install_it(
     assert 'optuna-dashboard is not installed: pip install -e ".[dashboard]"' in capsys.readouterr().err
 
 
-def _pruned_in_memory(*, dashboard_installed: bool, monkeypatch: pytest.MonkeyPatch) -> optuna.Trial:
-    """Two completed trials (epoch-1 values 1.0 and 3.0), then a third is pruned at epoch 1 with 2.5."""
-    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+def _third_trial(pruner: optuna.pruners.BasePruner) -> optuna.Trial:
+    """Two completed trials (epoch-1 values 1.0 and 3.0), and a running third that reported 2.5 at epoch 1."""
+    study = optuna.create_study(pruner=pruner)
     for value in (1.0, 3.0):
         trial = study.ask()
         trial.report(value, 1)
         study.tell(trial, value)
     trial = study.ask()
     trial.report(2.5, 1)
+    return trial
+
+
+def _pruned_in_memory(*, dashboard_installed: bool, monkeypatch: pytest.MonkeyPatch) -> optuna.Trial:
+    trial = _third_trial(optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+    study = trial.study
     assert trial.should_prune(), "2.5 is worse than the median 2.0"
     with monkeypatch.context() as patch:
         if not dashboard_installed:
@@ -179,12 +185,6 @@ def test_without_optuna_dashboard_no_note_is_written(monkeypatch: pytest.MonkeyP
     ],
 )
 def test_other_pruners_get_their_own_note(pruner: optuna.pruners.BasePruner, expected: str) -> None:
-    study = optuna.create_study(pruner=pruner)
-    for value in (1.0, 3.0):
-        trial = study.ask()
-        trial.report(value, 1)
-        study.tell(trial, value)
-    trial = study.ask()
-    trial.report(2.5, 1)
+    trial = _third_trial(pruner)
     note = pruning_note(trial, epoch=1, value=2.5, best=2.5, metric="val_loss")
     assert note.startswith(f"**Pruned at epoch 1** by {type(pruner).__name__}.") and expected in note, note
