@@ -271,10 +271,9 @@ def existing_direction(storage: optuna.storages.BaseStorage, name: str) -> str |
 def check_existing_storage(url: str, source: str) -> None:
     """Like check_storage, and a SQLite file must exist: readers never create an empty database."""
     check_storage(url, source)
-    parsed = _parse(url, source)
-    database = parsed.database or ""
-    if parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not Path(database).expanduser().is_file():
-        raise StorageError(f"{source}: no SQLite file {database!r} here (run python -m hpo.run first, or give --storage)")
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise StorageError(f"{source}: no SQLite file '{path}' here (run python -m hpo.run first, or give --storage)")
 
 
 def load_existing_study(url: str, source: str, name: str, *, flag: str) -> optuna.Study:
