@@ -301,7 +301,7 @@ def _run(spec: StudySpec, args: argparse.Namespace, started: float) -> int:
         storage_url, storage_source, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period
     )
     worker_index = args.worker_index or 0
-    study = open_study(spec, storage, sampler_seed=spec.study.seed + worker_index)
+    study = open_study(spec, storage, worker_index=worker_index)
     storage_shown = redact(storage_url)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(storage_url)
     in_launcher = args.worker_index is None

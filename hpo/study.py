@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import socket
 import sqlite3
 import threading
 from pathlib import Path
@@ -260,12 +262,22 @@ def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def existing_direction(storage: optuna.storages.BaseStorage, name: str) -> str | None:
-    """The direction of an existing study of that name, or None when there is none."""
+def _existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.study.StudySummary | None:
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         if summary.study_name == name:
-            return summary.direction.name.lower()
+            return summary
     return None
+
+
+def sampler_seed(study_seed: int, *, worker_index: int, trials_so_far: int) -> int:
+    """This process's sampler seed: reproducible, yet different for every worker, host and resumed run.
+
+    With one seed for all, a resumed run or a second machine would propose the very same points
+    again (the random sampler, and TPE's random start-up trials).  Trials' own training seeds do
+    not depend on this; they come from the study seed and the trial number.
+    """
+    key = f"{study_seed}|{worker_index}|{trials_so_far}|{socket.gethostname()}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
 
 
 def check_existing_storage(url: str, source: str) -> None:
@@ -288,21 +300,24 @@ def load_existing_study(url: str, source: str, name: str, *, flag: str) -> optun
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, sampler_seed: int) -> optuna.Study:
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int = 0) -> optuna.Study:
     """Create the study, or resume it when one of that name already exists."""
     direction = spec.study.direction
     assert direction is not None
-    found = existing_direction(storage, spec.study.name)
-    if found is not None and found != direction:
+    found = _existing(storage, spec.study.name)
+    if found is not None and found.direction.name.lower() != direction:
         raise StorageError(
-            f"{spec.path}: [study] study {spec.study.name!r} already exists with direction {found!r}, "
-            f"not {direction!r}; choose another name (--study-name)"
+            f"{spec.path}: [study] study {spec.study.name!r} already exists with direction "
+            f"{found.direction.name.lower()!r}, not {direction!r}; choose another name (--study-name)"
         )
+    seed = sampler_seed(
+        spec.study.seed, worker_index=worker_index, trials_so_far=0 if found is None else found.n_trials
+    )
     study = optuna.create_study(
         storage=storage,
         study_name=spec.study.name,
         direction=direction,
-        sampler=create_sampler(spec, sampler_seed),
+        sampler=create_sampler(spec, seed),
         pruner=create_pruner(spec),
         load_if_exists=True,
     )

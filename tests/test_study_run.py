@@ -53,6 +53,9 @@ def test_budget_is_the_study_total_and_a_rerun_resumes(tmp_path: Path, archive: 
     study = optuna.load_study(study_name="tiny", storage=url)
     assert [t.number for t in study.trials] == [0, 1, 2]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert study.trials[2].params["lr"] not in {t.params["lr"] for t in study.trials[:2]}, (
+        "a resumed run's sampler does not propose the first run's points again"
+    )
 
 
 def test_a_pruner_set_to_prune_prunes(tmp_path: Path, archive: Path) -> None:
