@@ -8,16 +8,19 @@ is reported by argparse under the flag's name.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import NoReturn, TypeVar
 
 from hpo.errors import HpoError, UsageError
 from hpo.spec import check_device
 
-# Exit codes: bad input, and interrupted (128 + SIGINT, as shells report it).
+# Exit codes: bad input, and interrupted or terminated (128 + SIGINT or SIGTERM, as shells report them).
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 T = TypeVar("T")
 
@@ -29,19 +32,27 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def guarded(prog: str, body: Callable[[], int]) -> int:
-    """Run a command's body; an HpoError becomes one line on stderr and exit code 2.
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that Optuna ends a running trial as FAIL, not RUNNING."""
 
-    hpo.run handles its errors the same way in its own main, which also tells SIGTERM (exit 143) apart.
-    """
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def guarded(prog: str, body: Callable[[], int]) -> int:
+    """Run a command's body: an HpoError becomes one line on stderr and exit code 2; Ctrl-C exits
+    130 and SIGTERM (raised as Terminated) 143, each with one line."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return body()
     except HpoError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 def _checked(convert: Callable[[str], T], ok: Callable[[T], bool], expected: str) -> Callable[[str], T]:

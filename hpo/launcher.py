@@ -23,6 +23,7 @@ from typing import IO
 
 import optuna
 
+from hpo.cli import Terminated
 from hpo.study import FINISHED_STATES
 
 logger = logging.getLogger(__name__)
@@ -139,8 +140,6 @@ def launch(
     try:
         codes = [process.wait() for process in processes]
     except KeyboardInterrupt as interrupt:
-        from hpo.worker import Terminated
-
         signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
         _stop(processes, signum)
         raise

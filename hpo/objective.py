@@ -75,6 +75,7 @@ def train_config(spec: StudySpec, hp: Hyperparameters, *, seed: int, device: tor
         seed=seed,
         device=device,
         compile=spec.train.compile,
+        precision=spec.train.precision,
         nesterov=hp.nesterov,
         schedule=hp.schedule,
         step_size=hp.step_size,

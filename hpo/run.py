@@ -16,12 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpo.cli import Parser as _Parser
-from hpo.cli import device as _device
-from hpo.cli import non_negative_int as _non_negative_int
-from hpo.cli import positive_int as _positive_int
-from hpo.cli import positive_seconds as _positive_seconds
-from hpo.errors import HpoError, UsageError
+from hpo import cli
+from hpo.errors import UsageError
 from hpo.spec import StudySpec, find_study, load_spec
 
 if TYPE_CHECKING:  # imported lazily below: a bad flag should fail fast, before torch loads
@@ -36,39 +32,39 @@ PROG = "hpo.run"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = cli.Parser(
         prog=f"python -m {PROG}",
         description="Run or resume an Optuna hyperparameter search over CNNs described by a study file.",
     )
     parser.add_argument("--study", required=True, help="study name in studies/ (e.g. cifar) or path to a .toml file")
     parser.add_argument(
-        "--n-trials", type=_positive_int, required=True,
+        "--n-trials", type=cli.positive_int, required=True,
         help="total budget: finished (complete or pruned) trials the study should have; a resumed study runs only the rest",
     )
-    parser.add_argument("--timeout", type=_positive_seconds, help="stop starting new trials after this many seconds")
+    parser.add_argument("--timeout", type=cli.positive_seconds, help="stop starting new trials after this many seconds")
     parser.add_argument("--storage", help="SQLAlchemy URL of the study storage (default: $HPO_STORAGE or sqlite:///hpo.db)")
-    parser.add_argument("--device", type=_device, help="auto, cpu, cuda, cuda:N or mps (overrides [train] device)")
+    parser.add_argument("--device", type=cli.device, help="auto, cpu, cuda, cuda:N or mps (overrides [train] device)")
     parser.add_argument("--data-dir", help="dataset folder or .tar.gz archive (overrides [data] data_dir)")
-    parser.add_argument("--seed", type=_non_negative_int, help="sampler and trial seed (overrides [study] seed)")
+    parser.add_argument("--seed", type=cli.non_negative_int, help="sampler and trial seed (overrides [study] seed)")
     parser.add_argument("--study-name", help="name of the study in the storage (overrides [study] name)")
-    parser.add_argument("--max-epochs", type=_positive_int, help="epochs per trial at most (overrides [train] max_epochs)")
+    parser.add_argument("--max-epochs", type=cli.positive_int, help="epochs per trial at most (overrides [train] max_epochs)")
     parser.add_argument(
         "--gpus", help="start one worker process per GPU: 'all' or a list like 0,2,3 (no GPU: CPU workers)",
     )
     parser.add_argument(
-        "--workers-per-gpu", type=_positive_int, default=1,
+        "--workers-per-gpu", type=cli.positive_int, default=1,
         help="worker processes per GPU (or on the CPU when there is none); default 1",
     )
     parser.add_argument("--checkpoint-dir", help="where running trials keep their last-epoch checkpoint (default: beside the SQLite file, else ./hpo-checkpoints)")
     parser.add_argument(
-        "--heartbeat-interval", type=_positive_int, default=10,
+        "--heartbeat-interval", type=cli.positive_int, default=10,
         help="seconds between a running trial's heartbeats in the storage (default 10)",
     )
     parser.add_argument(
-        "--grace-period", type=_positive_int,
+        "--grace-period", type=cli.positive_int,
         help="seconds without a heartbeat after which a trial is failed and re-queued (default 3 x interval)",
     )
-    parser.add_argument("--worker-index", type=_non_negative_int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=cli.non_negative_int, help=argparse.SUPPRESS)
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="log every epoch of every trial")
     noise.add_argument("-q", "--quiet", action="store_true", help="no progress bars; warnings and the summary only")
@@ -216,22 +212,15 @@ def print_summary(study: optuna.Study, *, storage_shown: str, metric: str, secon
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
-    from hpo.worker import Terminated, install_sigterm_handler
 
-    try:
-        install_sigterm_handler()
+    def body() -> int:
         args = build_parser().parse_args(argv)
         spec = apply_overrides(load_spec(find_study(args.study)), args)
         configure_logging(verbose=args.verbose, quiet=args.quiet)
+        # On Ctrl-C/SIGTERM Optuna marks the running trial FAIL and the worker re-queues it.
         return _run(spec, args, started)
-    except HpoError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as interrupt:
-        # Optuna has marked the running trial FAIL and the worker re-queued it: nothing is left RUNNING.
-        terminated = isinstance(interrupt, Terminated)
-        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
+
+    return cli.guarded(PROG, body)
 
 
 def parse_gpus(text: str, available: int) -> tuple[str, ...]:

@@ -96,6 +96,8 @@ class TrainSection:
     # torch.compile the model. Off by default: every trial pays the compile time again, which
     # faster epochs must repay; bench/throughput.py --compile measures both ways.
     compile: bool = False
+    # Autocast: "auto" is bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:

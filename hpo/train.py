@@ -2,8 +2,8 @@
 
 Data stays on the device; each step gathers, augments and normalizes its batch there.  Losses and
 correct counts accumulate in device tensors and are read once per epoch, so the host never waits
-on the GPU inside an epoch.  On CUDA the forward pass runs in bf16 autocast with channels_last
-activations; on CPU in fp32.
+on the GPU inside an epoch.  Activations are channels_last; the forward pass runs in bf16 autocast
+on CUDA and on CPUs with native bf16 (``[train] precision = "auto"``), otherwise in fp32.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class TrainConfig:
     seed: int
     device: torch.device
     compile: bool = False
+    precision: str = "auto"  # auto, bf16 or fp32: see uses_bf16
     # Defaults below are the behaviour before these were hyperparameters.
     nesterov: bool = True  # sgd only, and only with momentum > 0
     schedule: str = "none"  # none, step, cosine or onecycle
@@ -206,9 +207,27 @@ def make_augmentation(config: TrainConfig) -> Augmentation | None:
     return Augmentation(crop_padding=config.crop_padding, flip=config.flip) if config.augment else None
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    # bf16 needs no loss scaling; CPU autocast is slower than fp32 on most CPUs, so it stays off.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _cpu_has_bf16() -> bool:
+    try:  # private, but the check PyTorch itself uses; absent on some builds
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``precision`` ("auto", "bf16", "fp32") means bf16 autocast on ``device``.
+
+    "auto": on CUDA, and on CPUs with native bf16 (AVX-512 BF16 or AMX) — on the 2-core AVX-512 BF16
+    development CPU a training step of the default CNN ran 2.1x faster than in fp32. Elsewhere fp32.
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16())
+
+
+def _autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    # bf16 keeps fp32's exponent range, so no loss scaling is needed.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _sync(device: torch.device) -> None:
@@ -217,13 +236,15 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, normalize: Normalizer, device: torch.device) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over ``split``; one host read at the end."""
+def evaluate(
+    model: nn.Module, split: Split, normalize: Normalizer, device: torch.device, *, bf16: bool = False
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over ``split``, in bf16 autocast if asked; one host read at the end."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for images, labels in eval_batches(split, batch_size=EVAL_BATCH_SIZE):
-        with _autocast(device):
+        with _autocast(device, bf16):
             logits = model(normalize(images))
         loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
@@ -253,6 +274,7 @@ def fit(
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the conv algorithms once
     model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
+    bf16 = uses_bf16(config.precision, device)
     schedule = make_schedule(optimizer, config, steps_per_epoch=steps_per_epoch(len(data.train), config.batch_size))
     criterion = make_loss(model, config, data.train.labels, data.num_classes)
     # The compiled module shares its parameters with ``model``; state dicts stay those of ``model``.
@@ -274,7 +296,7 @@ def fit(
         for images, labels in train_batches(
             data.train, batch_size=config.batch_size, generator=generator, augmentation=make_augmentation(config)
         ):
-            with _autocast(device):
+            with _autocast(device, bf16):
                 logits = step_model(normalize(images))
             loss = criterion(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -286,7 +308,7 @@ def fit(
         schedule.after_epoch()
         train_loss = loss_sum.item() / max(1, seen)  # the epoch's one host read of training state
         train_seconds = time.perf_counter() - start
-        val_loss, val_accuracy = evaluate(step_model, data.val, normalize, device)
+        val_loss, val_accuracy = evaluate(step_model, data.val, normalize, device, bf16=bf16)
         _sync(device)
         result = EpochResult(
             epoch=epoch,

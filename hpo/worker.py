@@ -21,6 +21,7 @@ from typing import NoReturn
 import optuna
 from optuna.trial import TrialState
 
+from hpo.cli import Terminated
 from hpo.objective import TrialFailed, frozen
 from hpo.study import FINISHED_STATES, Reaper, retry_callback
 
@@ -30,19 +31,6 @@ logger = logging.getLogger(__name__)
 POLL_S = 1.0
 
 TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that Optuna ends the running trial as FAIL, not RUNNING."""
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
-
-
-def install_sigterm_handler() -> None:
-    """SIGTERM behaves like Ctrl-C (for the launcher, and for a worker outside its trial loop)."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 class StopRequest:
