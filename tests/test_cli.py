@@ -40,12 +40,25 @@ def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], *expected: str) 
         ("--max-epochs", "0", "argument --max-epochs: must be a positive integer, got '0'"),
         ("--device", "gpu", "argument --device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
         ("--seed", "-1", "argument --seed: must be an integer >= 0, got '-1'"),
+        ("--workers-per-gpu", "0", "argument --workers-per-gpu: must be a positive integer, got '0'"),
+        ("--gpus", "zero", "argument --gpus: must be 'all' or a list like 0,2,3, got 'zero'"),
+        ("--heartbeat-interval", "0", "argument --heartbeat-interval: must be a positive integer, got '0'"),
     ],
 )
 def test_bad_flag_values(workdir: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, expected: str) -> None:
     argv = ["--study", "quick", "--n-trials", "2", flag, value]
     _fails(capsys, argv, expected)
     assert not (workdir / "hpo.db").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 3, reason="this machine has a GPU 3")
+def test_a_gpu_that_does_not_exist_is_named(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(capsys, ["--study", "quick", "--n-trials", "2", "--gpus", "3"], "argument --gpus: GPU 3 does not exist here")
+    assert not (workdir / "hpo.db").exists()
+
+
+def test_gpus_and_device_together_are_refused(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(capsys, ["--study", "quick", "--n-trials", "2", "--gpus", "all", "--device", "cpu"], "argument --device: not allowed with --gpus")
 
 
 def test_missing_required_flag(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
