@@ -293,17 +293,19 @@ def _run(spec: StudySpec, args: argparse.Namespace, started: float) -> int:
     study = open_study(spec, storage, worker_index=worker_index)
     storage_shown = redact(storage_url)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(storage_url)
-    in_launcher = args.worker_index is None
+    standalone = args.worker_index is None  # not one of a launcher's workers
     done = count_finished(study)
     if done >= args.n_trials:
         logger.info("the study already has %d finished trials (budget %d): nothing to run", done, args.n_trials)
-        if in_launcher:
+        if standalone:
             print_summary(study, storage_shown=storage_shown, metric=spec.study.metric, seconds=time.perf_counter() - started, ran=0)
         return 0
     before = len(study.trials)
 
     if launching:
         from hpo.launcher import launch, plan_workers
+
+        del dataset  # the workers load it from the cache; the launcher need not hold it
 
         plan = plan_workers(gpus=gpus, per_gpu=args.workers_per_gpu, common_argv=_worker_argv(spec, args, checkpoint_dir))
         code = launch(plan, storage_url=storage_url, study=study, budget=args.n_trials, show_progress=not args.quiet)
@@ -328,7 +330,7 @@ def _run(spec: StudySpec, args: argparse.Namespace, started: float) -> int:
 
     progress = Progress(
         total=args.n_trials, done=done, max_epochs=spec.train.max_epochs, metric=spec.study.metric,
-        enabled=not args.quiet and in_launcher,
+        enabled=not args.quiet and standalone,
     )
     objective = Objective(
         spec=spec, data=search_data.to(device), device=device, checkpoint_dir=checkpoint_dir,
@@ -342,7 +344,7 @@ def _run(spec: StudySpec, args: argparse.Namespace, started: float) -> int:
             )
     finally:
         progress.close()
-    if in_launcher:
+    if standalone:
         print_summary(
             study, storage_shown=storage_shown, metric=spec.study.metric,
             seconds=time.perf_counter() - started, ran=len(study.trials) - before,
