@@ -170,17 +170,6 @@ def trial_epochs(trial: optuna.trial.FrozenTrial) -> int:
     return epochs if isinstance(epochs, int) else max(trial.intermediate_values)
 
 
-def _seeded_model(spec: StudySpec, hp: Hyperparameters, data: SearchData, seed: int) -> nn.Module:
-    """The trial's initial weights: seeded exactly as Objective.__call__ seeds them."""
-    import torch
-
-    from hpo.models import build_model
-
-    torch.manual_seed(seed)
-    channels, height, _ = data.image_shape
-    return build_model(spec.model.name, hp, in_channels=channels, num_classes=data.num_classes, image_size=height)
-
-
 class _Enough(Exception):
     """Raised after the trial's last epoch: fit stops there, its LR schedule still spanning the trial's."""
 
@@ -245,13 +234,13 @@ def retrain(
 ) -> SavedModel:
     """Train ``hp`` on training + validation data for the trial's epochs and seed; test once."""
     from hpo.data import Normalizer, Split, retraining_data
-    from hpo.objective import train_config
+    from hpo.objective import seeded_model, train_config
     from hpo.train import evaluate
 
     data = retraining_data(dataset, spec.data).to(device)
     seed = trial.user_attrs["seed"]
     epochs = trial_epochs(trial)
-    model = _seeded_model(spec, hp, data, seed)
+    model = seeded_model(spec, hp, data, seed)
     # fit evaluates data.val after every epoch; the test set is looked at once, after training,
     # so fit gets no validation images.
     no_val = Split(images=data.val.images[:0], labels=data.val.labels[:0])
@@ -282,19 +271,19 @@ def replay(
 ) -> int:
     """Retrain as the search did and print the recomputed metric per epoch beside the stored one."""
     from hpo.data import carve_validation
-    from hpo.objective import train_config
+    from hpo.objective import score, seeded_model, train_config
 
     metric = spec.study.metric
     data = carve_validation(dataset, spec.data).to(device)
     seed = trial.user_attrs["seed"]
     config = train_config(spec, hp, seed=seed, device=device)
-    results = train_like(trial, spec, _seeded_model(spec, hp, data, seed), data, config)
+    results = train_like(trial, spec, seeded_model(spec, hp, data, seed), data, config)
     print(f"Replay of trial {trial.number} of study {spec.study.name!r} ({trial.state.name}, seed {seed}) on {device}:")
     print(f"  epoch  stored {metric}  replayed {metric}  difference")
     differences = []
     for result in results:
         stored = trial.intermediate_values.get(result.epoch)
-        replayed = replay_value(result, metric)
+        replayed = score(result, metric)
         if stored is None:
             print(f"  {result.epoch:5d}  {'-':>{7 + len(metric)}}  {replayed:>{9 + len(metric)}.6f}")
             continue
@@ -303,10 +292,6 @@ def replay(
     if differences:
         print(f"Largest difference: {max(differences):.2e} over {len(differences)} epochs")
     return 0
-
-
-def replay_value(result: EpochResult, metric: str) -> float:
-    return result.val_loss if metric == "val_loss" else result.val_accuracy
 
 
 if __name__ == "__main__":

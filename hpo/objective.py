@@ -89,6 +89,18 @@ def train_config(spec: StudySpec, hp: Hyperparameters, *, seed: int, device: tor
     )
 
 
+def score(result: EpochResult, metric: str) -> float:
+    """The epoch's value of the study's metric: what is reported, pruned on and returned."""
+    return result.val_loss if metric == "val_loss" else result.val_accuracy
+
+
+def seeded_model(spec: StudySpec, hp: Hyperparameters, data: SearchData, seed: int) -> torch.nn.Module:
+    """The trial's model with its initial weights drawn from ``seed``; replay depends on this being the one way."""
+    torch.manual_seed(seed)
+    channels, height, _ = data.image_shape
+    return build_model(spec.model.name, hp, in_channels=channels, num_classes=data.num_classes, image_size=height)
+
+
 class Objective:
     """Callable passed to ``study.optimize``; holds the device-resident data shared by all trials."""
 
@@ -135,11 +147,7 @@ class Objective:
         seed = trial_seed(self.spec.study.seed, number)
         checkpoint = self.checkpoint_path(number)
         hp = suggest(trial, self.spec.space)
-        torch.manual_seed(seed)  # the model's initial weights
-        channels, height, _ = self.data.image_shape
-        model = build_model(
-            self.spec.model.name, hp, in_channels=channels, num_classes=self.data.num_classes, image_size=height
-        )
+        model = seeded_model(self.spec, hp, self.data, seed)
         for key, value in {
             "seed": seed,
             "params": count_parameters(model),
@@ -148,9 +156,6 @@ class Objective:
             "pid": os.getpid(),
         }.items():
             trial.set_user_attr(key, value)
-
-        def score(result: EpochResult) -> float:
-            return result.val_loss if metric == "val_loss" else result.val_accuracy
 
         sign = 1.0 if metric == "val_loss" else -1.0  # lower sign * score is better
         history: list[EpochResult] = []
@@ -162,7 +167,7 @@ class Objective:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # epochs already inherited from the failed trial
                 for result in resume.epochs:
-                    trial.report(score(result), result.epoch)
+                    trial.report(score(result, metric), result.epoch)
 
         def on_epoch_end(result: EpochResult) -> None:
             history.append(result)
@@ -171,7 +176,7 @@ class Objective:
             if not (math.isfinite(result.val_loss) and math.isfinite(result.train_loss)):
                 trial.set_user_attr("pruned_reason", f"diverged: non-finite loss at epoch {result.epoch}")
                 raise optuna.TrialPruned(f"diverged at epoch {result.epoch}")
-            best = min(history, key=lambda e: sign * score(e))
+            best = min(history, key=lambda e: sign * score(e, metric))
             for key, value in {
                 "epochs": result.epoch,
                 "best_epoch": best.epoch,
@@ -180,11 +185,11 @@ class Objective:
                 "images_per_second": sum(e.images_per_second for e in history) / len(history),
             }.items():
                 trial.set_user_attr(key, value)
-            trial.report(score(result), result.epoch)
+            trial.report(score(result, metric), result.epoch)
             if trial.should_prune():
-                reason = f"pruned at epoch {result.epoch} with {metric} {score(result):.4f}"
+                reason = f"pruned at epoch {result.epoch} with {metric} {score(result, metric):.4f}"
                 trial.set_user_attr("pruned_reason", reason)
-                note_pruned(trial, epoch=result.epoch, value=score(result), best=score(best), metric=metric)
+                note_pruned(trial, epoch=result.epoch, value=score(result, metric), best=score(best, metric), metric=metric)
                 raise optuna.TrialPruned(reason)
 
         config = train_config(self.spec, hp, seed=seed, device=self.device)
@@ -201,4 +206,4 @@ class Objective:
             checkpoint.unlink(missing_ok=True)
             raise
         checkpoint.unlink(missing_ok=True)  # kept only while a trial may still be resumed
-        return score(min(history, key=lambda e: sign * score(e)))
+        return score(min(history, key=lambda e: sign * score(e, metric)), metric)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -189,77 +190,44 @@ class Reaper(threading.Thread):
         self._stop_event.set()
 
 
+# Each spec dataclass's fields are its Optuna class's keyword arguments, named the same.
+_SAMPLER_CLASSES: dict[type, type[optuna.samplers.BaseSampler]] = {
+    TpeSamplerSpec: optuna.samplers.TPESampler,
+    RandomSamplerSpec: optuna.samplers.RandomSampler,
+    GridSamplerSpec: optuna.samplers.GridSampler,
+    CmaEsSamplerSpec: optuna.samplers.CmaEsSampler,
+    GpSamplerSpec: optuna.samplers.GPSampler,
+    QmcSamplerSpec: optuna.samplers.QMCSampler,
+}
+_PRUNER_CLASSES: dict[type, type[optuna.pruners.BasePruner]] = {
+    MedianPrunerSpec: optuna.pruners.MedianPruner,
+    PercentilePrunerSpec: optuna.pruners.PercentilePruner,
+    SuccessiveHalvingPrunerSpec: optuna.pruners.SuccessiveHalvingPruner,
+    HyperbandPrunerSpec: optuna.pruners.HyperbandPruner,
+    PatientPrunerSpec: optuna.pruners.PatientPruner,
+    ThresholdPrunerSpec: optuna.pruners.ThresholdPruner,
+    NopPrunerSpec: optuna.pruners.NopPruner,
+}
+
+
 def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
-    sampler = spec.sampler
-    if isinstance(sampler, TpeSamplerSpec):
-        return optuna.samplers.TPESampler(
-            n_startup_trials=sampler.n_startup_trials,
-            multivariate=sampler.multivariate,
-            constant_liar=sampler.constant_liar,
-            group=sampler.group,
-            seed=seed,
-        )
-    if isinstance(sampler, GridSamplerSpec):
+    options: dict[str, Any] = dataclasses.asdict(spec.sampler)
+    if isinstance(spec.sampler, GridSamplerSpec):
         # Stops the study by itself once every grid point has been tried.
-        return optuna.samplers.GridSampler(grid(spec.space), seed=seed)  # type: ignore[arg-type]
-    if isinstance(sampler, CmaEsSamplerSpec):
-        return optuna.samplers.CmaEsSampler(
-            n_startup_trials=sampler.n_startup_trials,
-            sigma0=sampler.sigma0,
-            with_margin=sampler.with_margin,
-            lr_adapt=sampler.lr_adapt,
-            popsize=sampler.popsize,
-            consider_pruned_trials=sampler.consider_pruned_trials,
-            seed=seed,
-        )
-    if isinstance(sampler, GpSamplerSpec):
-        return optuna.samplers.GPSampler(
-            n_startup_trials=sampler.n_startup_trials,
-            deterministic_objective=sampler.deterministic_objective,
-            seed=seed,
-        )
-    if isinstance(sampler, QmcSamplerSpec):
-        return optuna.samplers.QMCSampler(qmc_type=sampler.qmc_type, scramble=sampler.scramble, seed=seed)
-    assert isinstance(sampler, RandomSamplerSpec)
-    return optuna.samplers.RandomSampler(seed=seed)
+        options["search_space"] = grid(spec.space)
+    return _SAMPLER_CLASSES[type(spec.sampler)](**options, seed=seed)
 
 
 def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     pruner = spec.pruner
-    if isinstance(pruner, MedianPrunerSpec):
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=pruner.n_startup_trials,
-            n_warmup_steps=pruner.n_warmup_steps,
-            interval_steps=pruner.interval_steps,
-        )
-    if isinstance(pruner, PercentilePrunerSpec):
-        return optuna.pruners.PercentilePruner(
-            percentile=pruner.percentile,
-            n_startup_trials=pruner.n_startup_trials,
-            n_warmup_steps=pruner.n_warmup_steps,
-            interval_steps=pruner.interval_steps,
-        )
-    if isinstance(pruner, SuccessiveHalvingPrunerSpec):
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource="auto" if pruner.min_resource is None else pruner.min_resource,
-            reduction_factor=pruner.reduction_factor,
-            min_early_stopping_rate=pruner.min_early_stopping_rate,
-        )
-    if isinstance(pruner, HyperbandPrunerSpec):
-        return optuna.pruners.HyperbandPruner(
-            min_resource=pruner.min_resource,
-            max_resource=pruner.max_resource if pruner.max_resource is not None else spec.train.max_epochs,
-            reduction_factor=pruner.reduction_factor,
-        )
+    options: dict[str, Any] = dataclasses.asdict(pruner)
+    if isinstance(pruner, SuccessiveHalvingPrunerSpec) and pruner.min_resource is None:
+        options["min_resource"] = "auto"  # estimated from the first finished trial
+    if isinstance(pruner, HyperbandPrunerSpec) and pruner.max_resource is None:
+        options["max_resource"] = spec.train.max_epochs
     if isinstance(pruner, PatientPrunerSpec):
-        return optuna.pruners.PatientPruner(None, patience=pruner.patience, min_delta=pruner.min_delta)
-    if isinstance(pruner, ThresholdPrunerSpec):
-        return optuna.pruners.ThresholdPruner(
-            lower=pruner.lower, upper=pruner.upper,
-            n_warmup_steps=pruner.n_warmup_steps, interval_steps=pruner.interval_steps,
-        )
-    assert isinstance(pruner, NopPrunerSpec)
-    return optuna.pruners.NopPruner()
+        options["wrapped_pruner"] = None  # patience alone decides
+    return _PRUNER_CLASSES[type(pruner)](**options)
 
 
 def _existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.study.StudySummary | None:
