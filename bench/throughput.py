@@ -76,10 +76,7 @@ def run_hpo(data: SearchData, device: torch.device, *, epochs: int, compile_mode
     model = build_model(
         "cnn", MODEL, in_channels=data.image_shape[0], num_classes=data.num_classes, image_size=data.image_shape[1]
     )
-    config = TrainConfig(
-        lr=MODEL.lr, batch_size=MODEL.batch_size, weight_decay=MODEL.weight_decay, optimizer=MODEL.optimizer,
-        momentum=MODEL.momentum, max_epochs=epochs, augment=True, seed=0, device=device, compile=compile_model,
-    )
+    config = TrainConfig(hp=MODEL, max_epochs=epochs, augment=True, seed=0, device=device, compile=compile_model)
     result = fit(model, data.to(device), config)
     later = result.epochs[1:] or result.epochs
     return Measurement(

@@ -1,3 +1,45 @@
-"""hpo: Optuna-driven hyperparameter search for PyTorch CNNs."""
+"""hpo: Optuna-driven hyperparameter search for PyTorch CNNs.
+
+The Python API (the ``python -m hpo.*`` commands are shells over it)::
+
+    import hpo
+
+    study = hpo.search("quick", n_trials=8, storage="sqlite:///hpo.db", device="cpu")   # an optuna.Study
+    saved = hpo.retrain(study)                        # the best trial, retrained and tested once: a SavedModel
+    hpo.save_model(saved, Path("checkpoints/quick-best.pt"))
+    hpo.write_report(study, out="reports/quick")      # report.html, trials.csv, summary.json
+
+Each is imported on first use, so ``import hpo`` loads neither torch nor Optuna.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# Public name → the module that defines it.
+_API = {
+    "search": "hpo.searching",
+    "retrain": "hpo.retraining",
+    "SavedModel": "hpo.retraining",
+    "save_model": "hpo.retraining",
+    "load_model": "hpo.retraining",
+    "write_report": "hpo.reporting",
+    "Hyperparameters": "hpo.space",
+}
+
+__all__ = ["Hyperparameters", "SavedModel", "load_model", "retrain", "save_model", "search", "write_report"]
+
+if TYPE_CHECKING:
+    from hpo.reporting import write_report
+    from hpo.retraining import SavedModel, load_model, retrain, save_model
+    from hpo.searching import search
+    from hpo.space import Hyperparameters
+
+
+def __getattr__(name: str) -> object:
+    if name not in _API:
+        raise AttributeError(f"module 'hpo' has no attribute {name!r}")
+    return getattr(importlib.import_module(_API[name]), name)

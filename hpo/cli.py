@@ -1,4 +1,4 @@
-"""What every ``python -m hpo.*`` command shares: one-line argument errors, exit codes, flag types.
+"""What every ``python -m hpo.*`` command shares: one-line argument errors, exit codes, flag types, logging.
 
 A problem a user can fix is one line on stderr, ``PROG: error: ...``, and exit code 2, no traceback;
 Ctrl-C is exit code 130.  Flag values are checked by the ``type=`` converters below, so a bad value
@@ -8,17 +8,22 @@ is reported by argparse under the flag's name.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from types import FrameType
 from typing import NoReturn, TypeVar
 
-from hpo.errors import HpoError, UsageError
+from hpo.errors import HpoError, StorageUnavailable, Terminated, UsageError
+from hpo.folders import writable_folder  # noqa: F401 (the commands' name for it)
 from hpo.spec import check_device
 
-# Exit codes: bad input, and interrupted or terminated (128 + SIGINT or SIGTERM, as shells report them).
+# Exit codes: bad input; the storage gone for longer than --storage-patience (sysexits' EX_TEMPFAIL:
+# try again later); interrupted or terminated (128 + SIGINT or SIGTERM, as shells report them).
 EXIT_USAGE = 2
+EXIT_STORAGE_UNAVAILABLE = 75
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -32,23 +37,22 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that Optuna ends a running trial as FAIL, not RUNNING."""
-
-
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
 def guarded(prog: str, body: Callable[[], int]) -> int:
-    """Run a command's body: an HpoError becomes one line on stderr and exit code 2; Ctrl-C exits
-    130 and SIGTERM (raised as Terminated) 143, each with one line."""
+    """Run a command's body: an HpoError becomes one line on stderr and exit code 2, a storage gone for
+    too long exit code 75; Ctrl-C exits 130 and SIGTERM (raised as Terminated) 143, each with one line."""
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return body()
     except HpoError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StorageUnavailable as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_STORAGE_UNAVAILABLE
     except KeyboardInterrupt as interrupt:
         terminated = isinstance(interrupt, Terminated)
         print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
@@ -88,3 +92,27 @@ def add_study_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", required=True, help="study name in studies/ (e.g. cifar) or path to a .toml file")
     parser.add_argument("--storage", help="SQLAlchemy URL of the study storage (default: $HPO_STORAGE or sqlite:///hpo.db)")
     parser.add_argument("--study-name", help="name of the study in the storage (overrides [study] name)")
+
+
+def configure_logging(*, verbose: bool, quiet: bool) -> None:
+    """Log lines of hpo (INFO; DEBUG with verbose, WARNING when quiet) and Optuna through one root handler."""
+    import optuna
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="[%(levelname).1s %(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("hpo").setLevel(level)
+    # Optuna's own handler would bypass ours (and the progress bars): send its records through root.
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(logging.WARNING if quiet else logging.INFO)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for handler in logging.getLogger().handlers:  # handler filters see records of every child logger
+        handler.addFilter(_drop_interrupt_traceback)
+
+
+def _drop_interrupt_traceback(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial stopped by Ctrl-C/SIGTERM with a traceback; the one-line message is enough."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info = None
+        record.exc_text = None
+    return True

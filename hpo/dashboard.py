@@ -1,27 +1,21 @@
-"""``python -m hpo.dashboard``: optuna-dashboard on the study storage; and the notes it shows on pruned trials.
+"""``python -m hpo.dashboard``: optuna-dashboard on the study storage.
 
 optuna-dashboard is an optional extra (``pip install -e ".[dashboard]"``).  Without it the command
-says how to install it, and :func:`note_pruned` writes nothing: the ``pruned_reason`` user attr
-still says why a trial was pruned.
+says how to install it.  The notes it shows on pruned trials are written by :mod:`hpo.notes`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import wsgiref.simple_server
 from collections.abc import Sequence
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING
 
 from hpo.cli import Parser, guarded
 from hpo.cli import port as port_number
 from hpo.errors import UsageError
-
-if TYPE_CHECKING:
-    import optuna
 
 logger = logging.getLogger("hpo.dashboard")  # not __name__: that is "__main__" under python -m
 
@@ -29,62 +23,6 @@ PROG = "hpo.dashboard"
 DEFAULT_HOST = "127.0.0.1"  # this machine only: the dashboard can rename and delete studies
 DEFAULT_PORT = 8080
 INSTALL_HINT = "pip install -e \".[dashboard]\" (or pip install optuna-dashboard)"
-
-
-# Why the pruners without one comparable threshold stop a trial, in a user's words.
-_WHY = {
-    "SuccessiveHalvingPruner": "it was not among the best share of the trials that reached this epoch's rung",
-    "HyperbandPruner": "it was not among the best share of its bracket's trials at this epoch's rung",
-    "PatientPruner": "its best value had not improved for the pruner's patience (in epochs)",
-    "ThresholdPruner": "its value was outside the pruner's bounds, or not finite",
-}
-
-
-def pruning_note(trial: optuna.Trial, *, epoch: int, value: float, best: float, metric: str) -> str:
-    """Markdown saying why ``trial`` was pruned at ``epoch``: its values and what the pruner compared them to."""
-    import numpy as np
-    import optuna
-    from optuna.trial import TrialState
-
-    study = trial.study
-    pruner = study.pruner
-    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
-    lines = [
-        f"**Pruned at epoch {epoch}** by {type(pruner).__name__}.",
-        "",
-        f"- {metric} at epoch {epoch}: {value:.4f}; best so far: {best:.4f}",
-    ]
-    # MedianPruner is the 50th percentile; a PercentilePruner keeps its percentile in a private field.
-    percentile = 50.0 if isinstance(pruner, optuna.pruners.MedianPruner) else getattr(pruner, "_percentile", None)
-    if isinstance(pruner, optuna.pruners.PercentilePruner) and isinstance(percentile, (int, float)):
-        # What PercentilePruner.prune compares: this trial's best value so far against that percentile of
-        # the completed trials' values at the same epoch (for maximizing, the mirrored percentile).
-        others = [
-            t.intermediate_values[epoch]
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if epoch in t.intermediate_values and math.isfinite(t.intermediate_values[epoch])
-        ]
-        if others:
-            effective = percentile if minimize else 100 - percentile
-            threshold = float(np.percentile(others, effective))
-            name = "median" if effective == 50 else f"{effective:g}th percentile"
-            lines.append(
-                f"- threshold: the {name} {threshold:.4f} of the {len(others)} completed trials' {metric} at epoch {epoch}; "
-                f"the best so far is {'above' if minimize else 'below'} it"
-            )
-    else:
-        why = _WHY.get(type(pruner).__name__, "the pruner stopped it")
-        lines.append(f"- why: {why}; this pruner has no single threshold to show")
-    return "\n".join(lines)
-
-
-def note_pruned(trial: optuna.Trial, *, epoch: int, value: float, best: float, metric: str) -> None:
-    """Attach :func:`pruning_note` to the trial for optuna-dashboard; nothing when it is not installed."""
-    try:
-        import optuna_dashboard
-    except ImportError:
-        return  # the pruned_reason user attr carries the short version
-    optuna_dashboard.save_note(trial, pruning_note(trial, epoch=epoch, value=value, best=best, metric=metric))
 
 
 class _ThreadedServer(ThreadingMixIn, wsgiref.simple_server.WSGIServer):

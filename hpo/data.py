@@ -12,29 +12,40 @@ image size and normalization statistics.  A dataset is read from one of these so
 Images are then resized to ``[data] image_size`` and converted to ``[data] channels`` when those
 differ from the source's.
 
+An unreadable archive, a folder without images, fewer than two classes or test classes unknown
+to training are a DataError.  Unreadable images are skipped with a warning while they are at most
+``MAX_BAD_IMAGE_FRACTION`` of the images; more are a DataError naming the first and the count.
+
 Decoded image folders are cached as uint8 tensors under ``$HPO_CACHE_DIR`` (default
-``~/.cache/hpo``), keyed by the source's path, size and modification time, so later trials and
-later runs never decode again.  Everything after loading works on tensors: the split is a seeded
-permutation, and batches are cut, cropped, flipped and normalized on the training device.
+``~/.cache/hpo``), keyed by the source's path, size and modification time (for a folder: of every
+file in it), so later trials and later runs never decode again.  Everything after loading works on
+tensors: the split is a seeded permutation, and batches are cut, cropped, flipped and normalized on
+the training device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import io
 import logging
 import os
+import pickle
+import struct
 import tarfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hpo.errors import DataError
+from hpo.space import Hyperparameters
 from hpo.spec import DataSection
 
 logger = logging.getLogger(__name__)
@@ -43,6 +54,13 @@ _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Bump when the cache layout changes, so that stale caches are ignored rather than misread.
 _CACHE_VERSION = 2
+# Share of an image folder's images (train and test together) that may be unreadable and are then
+# skipped with a warning; more than this means a broken copy, and the dataset is refused.
+MAX_BAD_IMAGE_FRACTION = 0.01
+# What reading a damaged archive raises: tarfile's own errors, gzip's end of stream and bad data.
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+# What torchvision raises on files it finds but cannot read (missing, truncated, wrong checksum).
+_TORCHVISION_ERRORS = (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError)
 
 
 @dataclass(frozen=True)
@@ -148,36 +166,57 @@ def load_dataset(section: DataSection) -> Dataset:
     image_size = section.image_size or info.image_size
     data_dir = Path(section.data_dir).expanduser()
     if _is_archive(data_dir) or _is_image_folder(data_dir):
-        return _shaped(_load_image_folder(section.dataset, data_dir, image_size), section, info)
+        return _shaped(_load_image_folder(section.dataset, data_dir, image_size, label="data_dir"), section, info)
     if info.torchvision_class is None:
         raise DataError(
             f"data_dir: {data_dir} is neither a folder with train/<class>/ images nor a .tar.gz of one"
         )
-    looked = [f"{data_dir} (no train/ folder, no torchvision {info.torchvision_class} files)"]
     try:
         return _shaped(_load_torchvision(section.dataset, info, data_dir, download=False), section, info)
-    except RuntimeError:
-        pass  # torchvision's "Dataset not found or corrupted"
+    except _TORCHVISION_ERRORS as exc:
+        # Files found but unreadable are named; a download below may still repair them.
+        files = _torchvision_folder(info, data_dir)
+        if files.exists():
+            reason = _first_line(exc)
+            detail = "" if reason.startswith("Dataset not found") else f": {reason}"
+            looked = [f"{data_dir} (torchvision's {info.torchvision_class} files in {files} are incomplete or corrupt{detail}; delete them)"]
+        else:
+            looked = [f"{data_dir} (no train/ folder, no torchvision {info.torchvision_class} files)"]
     if section.dataset == "cifar10":
         archive = os.environ.get("HPO_DATA_ARCHIVE")
         if archive:
             if not _is_archive(Path(archive)):
                 raise DataError(f"HPO_DATA_ARCHIVE: no .tar.gz archive at {archive}")
-            return _shaped(_load_image_folder(section.dataset, Path(archive), image_size), section, info)
+            loaded = _load_image_folder(section.dataset, Path(archive), image_size, label="HPO_DATA_ARCHIVE")
+            return _shaped(loaded, section, info)
         looked.append("$HPO_DATA_ARCHIVE (unset)")
     if os.environ.get("HPO_OFFLINE") == "1":
         looked.append("download skipped (HPO_OFFLINE=1)")
     else:
         try:
             return _shaped(_load_torchvision(section.dataset, info, data_dir, download=True), section, info)
-        except (OSError, RuntimeError) as exc:  # urllib errors are OSErrors
-            looked.append(f"download failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        except (*_TORCHVISION_ERRORS, tarfile.TarError) as exc:  # urllib errors are OSErrors
+            looked.append(f"download failed ({_first_line(exc)})")
     hint = " or set HPO_DATA_ARCHIVE" if section.dataset == "cifar10" else ""
     raise DataError(
         f"dataset {section.dataset} not found: looked in "
         + "; ".join(looked)
         + f". Give --data-dir PATH (a folder of train/<class>/ images, a .tar.gz of one, or torchvision's files){hint}"
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _torchvision_folder(info: DatasetInfo, root: Path) -> Path:
+    """Where torchvision keeps a dataset's files under ``root``: CIFAR's ``base_folder``, else MNIST's ``<Class>/raw``."""
+    import torchvision
+
+    assert info.torchvision_class is not None
+    base = getattr(getattr(torchvision.datasets, info.torchvision_class), "base_folder", None)
+    return root / base if isinstance(base, str) else root / info.torchvision_class / "raw"
 
 
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -265,23 +304,58 @@ def _load_torchvision(name: str, info: DatasetInfo, root: Path, *, download: boo
 def _cache_path(name: str, source: Path, image_size: int) -> Path:
     stat = source.stat()
     key = f"{_CACHE_VERSION}|{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{image_size}"
+    if source.is_dir():
+        # A folder's own mtime misses files replaced inside its subfolders (a repaired image, say).
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                file_stat = path.stat()
+                key += f"|{path.relative_to(source).as_posix()}|{file_stat.st_size}|{file_stat.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / f"{name}-{image_size}px-{digest}.pt"
 
 
-def _load_image_folder(name: str, source: Path, image_size: int) -> Dataset:
-    cached = _cache_path(name, source, image_size)
-    if cached.is_file():
-        logger.info("reading cached %s arrays from %s", name, cached)
-        blob = torch.load(cached, weights_only=True)
-    else:
-        logger.info("decoding %s from %s (once; cached in %s)", name, source, cached.parent)
-        blob = _decode_image_folder(source, image_size)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: a concurrent worker never reads a half-written cache.
-        partial = cached.with_suffix(f".{os.getpid()}.partial")
+def _read_cache(path: Path) -> dict[str, object] | None:
+    """The cached arrays, or None when there are none or they cannot be read (then they are decoded again)."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:  # torch.load's errors on a damaged file
+        logger.warning("ignoring unreadable cache %s (%s); decoding again", path, _first_line(exc))
+        return None
+    logger.info("reading cached arrays from %s", path)
+    return blob
+
+
+def _write_cache(blob: dict[str, object], path: Path) -> None:
+    """Write then rename, so that a concurrent worker never reads a half-written cache; a cache that
+    cannot be written is a warning (the next run decodes again), never a failed run."""
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(blob, partial)
-        partial.replace(cached)
+        partial.replace(path)
+    except (OSError, RuntimeError) as exc:  # torch.save's zip writer reports a failed write as RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        logger.warning("cannot write the decode cache %s (%s); later runs decode again", path, reason)
+        if partial.is_file():
+            partial.unlink()
+
+
+def _load_image_folder(name: str, source: Path, image_size: int, *, label: str) -> Dataset:
+    cached = _cache_path(name, source, image_size)
+    blob = _read_cache(cached)
+    if blob is None:
+        logger.info("decoding %s from %s (once; cached in %s)", name, source, cached.parent)
+        blob = _decode_image_folder(source, image_size, label=label)
+        _write_cache(blob, cached)
+    skipped = blob.get("skipped", [])  # caches written before skipping existed have no such key
+    if skipped:  # said again on every load: a cached dataset is still missing these images
+        assert isinstance(skipped, list)
+        logger.warning(
+            "%s: skipped %d unreadable of %s images in %s (up to %g%% are skipped), first %s",
+            label, len(skipped), blob["found"], source, 100 * MAX_BAD_IMAGE_FRACTION, skipped[0],
+        )
     return Dataset(
         name=name,
         source=str(source),
@@ -295,42 +369,112 @@ def _load_image_folder(name: str, source: Path, image_size: int) -> Dataset:
     )
 
 
-def _iter_image_files(source: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
-    """(relative path, file bytes) of every image under ``source``, archive or folder, sorted."""
+def _iter_image_files(source: Path, *, label: str) -> Iterator[tuple[PurePosixPath, bytes | OSError]]:
+    """(relative path, file bytes) of every image under ``source``, archive or folder, sorted.
+
+    A folder's file that cannot be read comes with its OSError instead of bytes; a damaged archive
+    cannot be read past the damage, so it is a DataError.
+    """
     if source.is_file():
-        with tarfile.open(source) as tar:
+        with source.open("rb") as raw:
+            yield from _iter_archive(raw, source, label=label)
+        return
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES:
+            try:
+                content: bytes | OSError = path.read_bytes()
+            except OSError as exc:
+                content = exc
+            yield PurePosixPath(path.relative_to(source).as_posix()), content
+
+
+def _iter_archive(raw: BinaryIO, source: Path, *, label: str) -> Iterator[tuple[PurePosixPath, bytes]]:
+    """The images of a .tar or .tar.gz read from ``raw``, or DataError if the archive is damaged anywhere."""
+    gzipped = raw.read(2) == b"\x1f\x8b"  # gzip's magic number
+    raw.seek(0)
+    stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw  # type: ignore[assignment]
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r:")
+    except _ARCHIVE_ERRORS as exc:
+        reason = "not a .tar or .tar.gz archive" if isinstance(exc, tarfile.ReadError) else _first_line(exc)
+        raise DataError(f"{label}: cannot read archive {source}: {reason}") from exc
+    read = 0  # images read before the damage, for the message
+    damage = "truncated or corrupt: copy or create it again"
+    try:
+        with tar:
             for member in tar:
                 if member.isfile() and PurePosixPath(member.name).suffix.lower() in _IMAGE_SUFFIXES:
                     handle = tar.extractfile(member)
                     assert handle is not None
-                    yield PurePosixPath(member.name.removeprefix("./")), handle.read()
-        return
-    for path in sorted(source.rglob("*")):
-        if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES:
-            yield PurePosixPath(path.relative_to(source).as_posix()), path.read_bytes()
+                    payload = handle.read()
+                    read += 1
+                    yield PurePosixPath(member.name.removeprefix("./")), payload
+        # tarfile stops quietly at the first header it cannot parse, as at the end-of-archive zero
+        # blocks; so what follows must be that padding (>= 512 zero bytes), and reading it to the
+        # end makes gzip check the CRC of everything.
+        rest = 0
+        while chunk := stream.read(1 << 20):  # bytes per read
+            if chunk.count(0) != len(chunk):
+                raise DataError(f"{label}: cannot read archive {source} after {read} images: unreadable tar header ({damage})")
+            rest += len(chunk)
+        if rest < tarfile.BLOCKSIZE:
+            raise DataError(f"{label}: archive {source} ends after {read} images without tar's end marker ({damage})")
+    except _ARCHIVE_ERRORS as exc:
+        raise DataError(f"{label}: cannot read archive {source} after {read} images: {_first_line(exc)} ({damage})") from exc
 
 
-def _decode_image_folder(source: Path, image_size: int) -> dict[str, object]:
+def _decode_image(payload: bytes | OSError, image_size: int) -> np.ndarray:
+    """One file's bytes → uint8 RGB (image_size, image_size, 3); raises what PIL raises on a bad file."""
     from PIL import Image
 
+    if isinstance(payload, OSError):
+        raise payload
+    with Image.open(io.BytesIO(payload)) as image:
+        rgb = image.convert("RGB")  # decodes the whole file: truncated data fails here
+        if rgb.size != (image_size, image_size):
+            rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8)
+
+
+def _decode_image_folder(source: Path, image_size: int, *, label: str) -> dict[str, object]:
+    from PIL import Image, UnidentifiedImageError
+
+    # What PIL raises on a file that is not an image it can decode (its plugins use all of these).
+    unreadable = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
     images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     class_names: dict[str, list[str]] = {"train": [], "test": []}
-    for relative, payload in _iter_image_files(source):
+    bad: list[str] = []  # "relative/path: reason" of each unreadable image
+    found = {"train": 0, "test": 0}  # image files per split, readable or not
+    for relative, payload in _iter_image_files(source, label=label):
         parts = relative.parts
         if len(parts) != 3 or parts[0] not in images:
             continue  # not split/class/file: README files and the like
-        with Image.open(io.BytesIO(payload)) as image:
-            rgb = image.convert("RGB")
-            if rgb.size != (image_size, image_size):
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            images[parts[0]].append(np.asarray(rgb, dtype=np.uint8))
+        found[parts[0]] += 1
+        try:
+            array = _decode_image(payload, image_size)
+        except unreadable as exc:
+            reason = "not an image file PIL can identify" if isinstance(exc, UnidentifiedImageError) else _first_line(exc)
+            bad.append(f"{relative}: {reason}")
+            continue
+        images[parts[0]].append(array)
         class_names[parts[0]].append(parts[1])
+    if found["train"] == 0:
+        raise DataError(f"{label}: no images under {source} in train/<class>/")
+    total = found["train"] + found["test"]
+    if len(bad) > MAX_BAD_IMAGE_FRACTION * total:
+        raise DataError(
+            f"{label}: {len(bad)} of {total} images in {source} are unreadable (up to "
+            f"{100 * MAX_BAD_IMAGE_FRACTION:g}% are skipped), first {bad[0]}"
+        )
     classes = sorted(set(class_names["train"]))
-    if not classes:
-        raise DataError(f"data_dir: no images under {source} in train/<class>/")
+    if len(classes) < 2:  # e.g. every training image in one folder: each trial would learn nothing
+        named = f"only {classes[0]!r}" if classes else "none readable"
+        raise DataError(
+            f"{label}: {source} has {len(classes)} class in train/<class>/ ({named}); a classifier needs at least 2"
+        )
     unknown = sorted(set(class_names["test"]) - set(classes))
     if unknown:
-        raise DataError(f"data_dir: {source} has test classes with no training images: {', '.join(unknown)}")
+        raise DataError(f"{label}: {source} has test classes with no training images: {', '.join(unknown)}")
     index = {name: i for i, name in enumerate(classes)}
 
     def stack(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,6 +491,8 @@ def _decode_image_folder(source: Path, image_size: int) -> dict[str, object]:
         "train_labels": train_labels,
         "test_images": test_images,
         "test_labels": test_labels,
+        "skipped": bad,
+        "found": total,
     }
 
 
@@ -412,21 +558,11 @@ class Normalizer:
         return images.permute(0, 3, 1, 2).float() * self.scale + self.shift
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """Random crop and flip of training images (torchvision's RandomCrop(padding) + RandomHorizontalFlip)."""
+def augment(images: torch.Tensor, generator: torch.Generator, augmentation: Hyperparameters) -> torch.Tensor:
+    """Per-image random crop (zero padding of ``crop_padding`` pixels) and horizontal flip (``flip``), as one gather.
 
-    # Zero padding in pixels around each image before the random crop back to its size; 0: no crop.
-    crop_padding: int = 4
-    # Mirror each image left-right with probability 1/2.
-    flip: bool = True
-
-
-def augment(images: torch.Tensor, generator: torch.Generator, augmentation: Augmentation) -> torch.Tensor:
-    """Per-image random crop (zero padding) and horizontal flip, as one gather.
-
-    ``images`` is a uint8 (B, H, W, C) batch with any number of channels on any device; no host
-    sync happens here.
+    torchvision's RandomCrop(padding) + RandomHorizontalFlip.  ``images`` is a uint8 (B, H, W, C)
+    batch with any number of channels on any device; no host sync happens here.
     """
     if augmentation.crop_padding == 0 and not augmentation.flip:
         return images
@@ -444,13 +580,30 @@ def augment(images: torch.Tensor, generator: torch.Generator, augmentation: Augm
     return padded[index, rows[:, :, None], cols[:, None, :]]
 
 
+def cut_out(inputs: torch.Tensor, generator: torch.Generator, size: int) -> torch.Tensor:
+    """Zero a ``size`` x ``size`` square per image of a normalized float (B, C, H, W) batch (zero is the mean).
+
+    The square's centre is uniform over the image, and the square is clipped at the edges, as in
+    DeVries and Taylor's cutout; one multiply, no host sync.
+    """
+    batch, _, height, width = inputs.shape
+    device = inputs.device
+    cy = torch.randint(0, height, (batch, 1, 1), device=device, generator=generator)
+    cx = torch.randint(0, width, (batch, 1, 1), device=device, generator=generator)
+    top, left = cy - size // 2, cx - size // 2
+    rows = torch.arange(height, device=device)[None, :, None]
+    cols = torch.arange(width, device=device)[None, None, :]
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return inputs * (~inside)[:, None].to(inputs.dtype)
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Optimizer steps in one epoch of ``n`` images: full batches only, but at least one."""
     return max(1, n // batch_size)
 
 
 def train_batches(
-    split: Split, *, batch_size: int, generator: torch.Generator, augmentation: Augmentation | None
+    split: Split, *, batch_size: int, generator: torch.Generator, augmentation: Hyperparameters | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled uint8 batches; the last partial batch is dropped (BatchNorm needs > 1)."""
     n = len(split)

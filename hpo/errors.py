@@ -21,3 +21,16 @@ class DataError(HpoError):
 
 class StorageError(HpoError):
     """A storage URL that cannot be parsed or reached; the message never shows a password."""
+
+
+class StorageUnavailable(Exception):
+    """The storage stayed unreachable for longer than ``--storage-patience``: exit code 75, not 2.
+
+    Not an HpoError: nothing is wrong with the input, and the same command run later succeeds (the
+    running trial is re-queued by the next worker that reaches the storage, and resumes from its
+    checkpoint).
+    """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that Optuna ends a running trial as FAIL, not RUNNING."""

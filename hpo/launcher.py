@@ -23,7 +23,7 @@ from typing import IO
 
 import optuna
 
-from hpo.cli import Terminated
+from hpo.errors import Terminated
 from hpo.study import FINISHED_STATES
 
 logger = logging.getLogger(__name__)

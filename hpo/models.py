@@ -1,7 +1,7 @@
 """A registry of model names → builders of ``nn.Module`` from a trial's hyperparameters.
 
 Every builder takes ``(hp, in_channels=, num_classes=, image_size=)``.  The configurable CNN reads the
-architecture hyperparameters (``hpo.space.CNN_ONLY``); ResNet18 and ResNet-9 are fixed architectures.
+architecture hyperparameters (those declared ``models=CNN`` in ``hpo.space``); ResNet18 and ResNet-9 are fixed architectures.
 The ``init`` hyperparameter applies to every model.
 """
 

@@ -1,268 +1,20 @@
 """``python -m hpo.report``: one self-contained HTML report of a study, plus ``trials.csv`` and ``summary.json``.
 
-The figures are ``optuna.visualization``'s plotly figures; plotly.js is embedded once in the page,
-so the file opens offline.  A figure that cannot be drawn yet (no completed trial, one searched
-value only, ...) is replaced by a sentence saying why, so a study that is still running, or has no
-finished trial at all, gets a report too.
+The report itself is :mod:`hpo.reporting`'s; this module parses flags and prints the paths.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import datetime
-import html
-import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
 
-from hpo.cli import Parser, add_study_flags, guarded, positive_int
-from hpo.spec import StudySpec, find_study, load_spec
-
-if TYPE_CHECKING:
-    import optuna
-    import plotly.graph_objects as go
-
+from hpo.cli import Parser, add_study_flags, configure_logging, guarded, positive_int, writable_folder
+from hpo.spec import Overrides, StudySpec, find_study, load_spec
 
 PROG = "hpo.report"
 DEFAULT_OUT = "reports"
-# The pair the contour figure shows: the two hyperparameters that interact most in practice.
-CONTOUR_PARAMS = ("lr", "batch_size")
-
-Value = Union[int, float, str]
-
-
-@dataclass(frozen=True)
-class BestTrial:
-    number: int
-    value: float
-    params: Mapping[str, Value]
-    val_accuracy: float | None  # at the best epoch, fraction in [0, 1]
-    best_epoch: int | None
-
-
-@dataclass(frozen=True)
-class Summary:
-    """The report's table, and ``summary.json``."""
-
-    study: str
-    storage: str  # password shown as ***
-    metric: str
-    direction: str
-    generated_at: str  # ISO 8601, UTC
-    trials: int
-    states: Mapping[str, int]  # every Optuna trial state → count
-    best: BestTrial | None
-    max_epochs: int  # per trial, from the study file or --max-epochs
-    # Over finished (complete and pruned) trials: epochs reported, and finished trials x max_epochs.
-    epochs_trained: int
-    epochs_without_pruning: int
-    epochs_saved_fraction: float  # 1 - trained / without pruning; 0 with no finished trial
-    training_seconds: float  # sum of the finished trials' wall-clock durations
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
-
-
-@dataclass(frozen=True)
-class Section:
-    """One figure of the report, or the reason it is not drawn."""
-
-    title: str
-    caption: str
-    figure: go.Figure | None
-    missing: str | None = None
-
-
-def summarize(study: optuna.Study, *, storage_shown: str, metric: str, max_epochs: int) -> Summary:
-    from optuna.trial import TrialState
-
-    from hpo.study import FINISHED_STATES
-
-    trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in FINISHED_STATES]
-    best = None
-    if any(t.state == TrialState.COMPLETE for t in trials):
-        trial = study.best_trial
-        accuracy = trial.user_attrs.get("val_accuracy")
-        epoch = trial.user_attrs.get("best_epoch")
-        best = BestTrial(
-            number=trial.number,
-            value=float(trial.value),  # type: ignore[arg-type]
-            params=dict(trial.params),
-            val_accuracy=accuracy if isinstance(accuracy, float) else None,
-            best_epoch=epoch if isinstance(epoch, int) else None,
-        )
-    trained = sum(len(t.intermediate_values) for t in finished)
-    without = len(finished) * max_epochs
-    return Summary(
-        study=study.study_name,
-        storage=storage_shown,
-        metric=metric,
-        direction=study.direction.name.lower(),
-        generated_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        trials=len(trials),
-        states={state.name: sum(t.state == state for t in trials) for state in TrialState},
-        best=best,
-        max_epochs=max_epochs,
-        epochs_trained=trained,
-        epochs_without_pruning=without,
-        epochs_saved_fraction=1 - trained / without if without else 0.0,
-        training_seconds=sum(t.duration.total_seconds() for t in finished if t.duration is not None),
-    )
-
-
-def _searched_values(trials: Sequence[optuna.trial.FrozenTrial], name: str) -> set[Value]:
-    return {t.params[name] for t in trials if name in t.params}
-
-
-def sections(study: optuna.Study, *, metric: str) -> list[Section]:
-    """Every figure of the report, in reading order; each one drawn or explained."""
-    import optuna.visualization as vis
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    no_complete = "No completed trial yet: nothing to draw."
-    varying = [name for name in sorted({n for t in complete for n in t.params}) if len(_searched_values(complete, name)) > 1]
-
-    def when(problem: str | None, draw: Callable[[], go.Figure]) -> tuple[go.Figure | None, str | None]:
-        return (None, problem) if problem else (draw(), None)
-
-    def importances() -> tuple[go.Figure | None, str | None]:
-        if len(complete) < 2 or not varying:
-            return None, "Needs at least 2 completed trials whose hyperparameters differ."
-        try:
-            return vis.plot_param_importances(study, target_name=metric), None
-        except (RuntimeError, ValueError) as exc:  # e.g. a constant objective gives no variance to split
-            return None, f"Optuna could not compute importances: {exc}"
-
-    contour_problem = None
-    absent = [name for name in CONTOUR_PARAMS if len(_searched_values(complete, name)) < 2]
-    if absent:
-        contour_problem = f"Needs completed trials with at least 2 different values of {' and '.join(absent)}."
-    specs: list[tuple[str, str, tuple[go.Figure | None, str | None]]] = [
-        ("Optimization history", "The objective of every completed trial, and the best so far.",
-         when(None if complete else no_complete, lambda: vis.plot_optimization_history(study, target_name=metric))),
-        ("Learning curves", "The value reported after every epoch (intermediate values); pruned trials stop early.",
-         when(None if any(t.intermediate_values for t in trials) else "No trial has reported an epoch yet.",
-              lambda: vis.plot_intermediate_values(study).update_layout(xaxis_title="epoch", yaxis_title=metric))),
-        ("Parallel coordinates", "Each completed trial is one line through its hyperparameters to its objective.",
-         when(None if complete else no_complete, lambda: vis.plot_parallel_coordinate(study, target_name=metric))),
-        ("Hyperparameter importances", "Share of the objective's variance each hyperparameter explains (fANOVA).",
-         importances()),
-        ("Learning rate against batch size", "Contour of the objective over lr and batch_size.",
-         when(contour_problem, lambda: vis.plot_contour(study, params=list(CONTOUR_PARAMS), target_name=metric))),
-        ("Slices", "The objective against each hyperparameter separately.",
-         when(None if complete else no_complete, lambda: vis.plot_slice(study, target_name=metric))),
-        ("Timeline", "When each trial ran, by state; overlapping bars are trials of concurrent workers.",
-         when(None if trials else "No trial yet.", lambda: vis.plot_timeline(study))),
-    ]
-    return [Section(title=title, caption=caption, figure=figure, missing=missing) for title, caption, (figure, missing) in specs]
-
-
-def trial_rows(study: optuna.Study) -> tuple[list[str], list[dict[str, object]]]:
-    """(columns, one row per trial): hyperparameters and user attrs under their own names."""
-    from hpo.space import PARAMETERS
-
-    trials = study.get_trials(deepcopy=False)
-    params = {name for t in trials for name in t.params}
-    param_columns = [name for name in PARAMETERS if name in params] + sorted(params - set(PARAMETERS))
-    attr_columns = sorted({key for t in trials for key in t.user_attrs})
-    columns = ["number", "state", "value", "epochs_reported", "datetime_start", "datetime_complete", "duration_s"]
-    columns += param_columns + attr_columns
-    rows = []
-    for t in trials:
-        row: dict[str, object] = {
-            "number": t.number,
-            "state": t.state.name,
-            "value": t.value,
-            "epochs_reported": len(t.intermediate_values),
-            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
-            "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
-            "duration_s": t.duration.total_seconds() if t.duration else None,
-        }
-        row.update({name: t.params.get(name) for name in param_columns})
-        row.update({key: t.user_attrs.get(key) for key in attr_columns})
-        rows.append(row)
-    return columns, rows
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, object]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)  # None is written as an empty field
-
-
-def _format(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _table(rows: Sequence[tuple[str, str]]) -> str:
-    cells = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>" for key, value in rows)
-    return f"<table>{cells}</table>"
-
-
-def summary_html(summary: Summary) -> str:
-    states = ", ".join(f"{name} {count}" for name, count in summary.states.items() if count) or "none"
-    rows = [
-        ("study", f"{summary.study} in {summary.storage}"),
-        ("objective", f"{summary.metric} ({summary.direction})"),
-        ("trials", f"{summary.trials}: {states}"),
-    ]
-    if summary.best is None:
-        rows.append(("best trial", "no completed trial yet"))
-    else:
-        best = summary.best
-        accuracy = f", val_accuracy {best.val_accuracy:.2%}" if best.val_accuracy is not None else ""
-        rows.append(("best trial", f"#{best.number}: {summary.metric} {best.value:.4f}{accuracy} at epoch {best.best_epoch}"))
-        rows += [(f"  {name}", _format(value)) for name, value in best.params.items()]
-    rows += [
-        ("epochs trained", f"{summary.epochs_trained} by the finished trials"),
-        (
-            "without pruning",
-            f"{summary.epochs_without_pruning} (finished trials x {summary.max_epochs} epochs): "
-            f"pruning saved {summary.epochs_saved_fraction:.0%}",
-        ),
-        ("training time", f"{summary.training_seconds:.1f} s, summed over the finished trials"),
-    ]
-    return _table(rows)
-
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin-bottom: 2em; }
-th, td { text-align: left; padding: 0.2em 1em 0.2em 0; vertical-align: top; white-space: pre; }
-th { font-weight: 600; }
-p.caption { color: #555; margin-top: 0; }
-p.missing { padding: 1em; background: #f4f4f4; border-left: 4px solid #bbb; }
-"""
-
-
-def render_html(summary: Summary, figures: Sequence[Section]) -> str:
-    """One HTML page: plotly.js once in the head, the summary table, then every section."""
-    from plotly.offline import get_plotlyjs
-
-    parts = []
-    for index, section in enumerate(figures):
-        parts.append(f'<section><h2>{html.escape(section.title)}</h2><p class="caption">{html.escape(section.caption)}</p>')
-        if section.figure is not None:
-            parts.append(section.figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{index}"))
-        else:
-            parts.append(f'<p class="missing">{html.escape(section.missing or "")}</p>')
-        parts.append("</section>")
-    title = html.escape(f"Study {summary.study}: hpo report")
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f'<style>{_STYLE}</style><script type="text/javascript">{get_plotlyjs()}</script></head>\n'
-        f"<body><h1>{title}</h1><p>Generated {html.escape(summary.generated_at)}.</p>\n"
-        f"{summary_html(summary)}\n" + "\n".join(parts) + "\n</body></html>\n"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,17 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs per trial the study ran with, if hpo.run was given --max-epochs (for the pruning saving)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the paths written")
-    # hpo.run's flags that a report does not take.
-    parser.set_defaults(seed=None, data_dir=None, device=None)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
-        from hpo.run import apply_overrides, configure_logging
-
         args = build_parser().parse_args(argv)
-        spec = apply_overrides(load_spec(find_study(args.study)), args)
+        overrides = Overrides(study_name=args.study_name, max_epochs=args.max_epochs)
+        spec = overrides.apply(load_spec(find_study(args.study)))
         configure_logging(verbose=False, quiet=True)  # optuna's per-figure warnings are explained in the report
         return _report(spec, args)
 
@@ -292,18 +41,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(spec: StudySpec, args: argparse.Namespace) -> int:
+    from hpo.reporting import report_study
     from hpo.study import load_existing_study, redact, resolve_storage
 
     url, source = resolve_storage(args.storage)
     study = load_existing_study(url, source, spec.study.name, flag="--study-name" if args.study_name else "--study")
     metric = study.metric_names[0] if study.metric_names else spec.study.metric
-    summary = summarize(study, storage_shown=redact(url), metric=metric, max_epochs=spec.train.max_epochs)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / spec.study.name
-    out.mkdir(parents=True, exist_ok=True)
-    page = out / "report.html"
-    page.write_text(render_html(summary, sections(study, metric=metric)), encoding="utf-8")
-    write_csv(out / "trials.csv", *trial_rows(study))
-    (out / "summary.json").write_text(summary.to_json(), encoding="utf-8")
+    writable_folder(out, "--out" if args.out else "default report folder")
+    summary, files = report_study(study, out, storage_shown=redact(url), metric=metric, max_epochs=spec.train.max_epochs)
     if not args.quiet:
         states = ", ".join(f"{name} {count}" for name, count in summary.states.items() if count) or "none"
         print(f"Study {summary.study!r} in {summary.storage}: {summary.trials} trials ({states})")
@@ -315,7 +61,7 @@ def _report(spec: StudySpec, args: argparse.Namespace) -> int:
             f"Epochs: {summary.epochs_trained} trained, {summary.epochs_without_pruning} without pruning "
             f"(saved {summary.epochs_saved_fraction:.0%}); {summary.training_seconds:.1f} s of training"
         )
-    for path in (page, out / "trials.csv", out / "summary.json"):
+    for path in (files.page, files.trials, files.summary):
         print(path)
     return 0
 

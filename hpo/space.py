@@ -10,6 +10,11 @@ Every hyperparameter has one name, used unchanged in the study file's ``[space]`
     optimizer = "adamw"                                # fixed: not searched
 
 A hyperparameter missing from ``[space]`` keeps its default.
+
+To add a hyperparameter, declare it as a field of :class:`Hyperparameters` (type, default, domain,
+one-line description, the models it shapes, the condition under which it applies), write the code
+that acts on it (reading ``hp.<name>`` in hpo.models or hpo.train) and a reach test, and regenerate
+the README table with :func:`readme_table`.
 """
 
 from __future__ import annotations
@@ -32,11 +37,6 @@ INITS = ("default", "kaiming", "xavier")
 SCHEDULES = ("none", "step", "cosine", "onecycle")
 LR_SCALINGS = ("none", "linear")
 CLASS_WEIGHTINGS = ("none", "balanced")
-# The hyperparameters that shape the configurable CNN; the fixed architectures ignore them.
-CNN_ONLY = (
-    "kernel_size", "depth", "base_width", "dropout", "stride", "pool", "batch_norm", "activation",
-    "conv_dropout", "dense_width",
-)
 
 
 @dataclass(frozen=True)
@@ -71,40 +71,148 @@ Distribution = Union[Fixed, FloatRange, IntRange, Choice]
 
 
 @dataclass(frozen=True)
-class Hyperparameters:
-    """One trial's configuration: everything that the model and the optimizer are built from."""
+class Domain:
+    """The values a hyperparameter may take: a test, and the words for it."""
 
-    lr: float = 1e-3
-    batch_size: int = 128
-    kernel_size: int = 3
-    weight_decay: float = 0.0
-    depth: int = 3
-    base_width: int = 16
-    dropout: float = 0.0
-    optimizer: str = "adamw"
-    momentum: float = 0.9
+    ok: Callable[[Any], bool]
+    must: str  # completes "<name> must ...", for errors: "be > 0"
+    shown: str  # the README's type column; {kind} stands for the type: "{kind} > 0"
+
+    def problem(self, value: Value) -> str | None:
+        return None if self.ok(value) else f"must {self.must}"
+
+
+def _one_of(*allowed: Value) -> Domain:
+    if all(isinstance(a, str) for a in allowed):
+        return Domain(lambda v: v in allowed, f"be one of {', '.join(map(str, allowed))}", ", ".join(f"`{a}`" for a in allowed))
+    words = " or ".join(map(str, allowed))
+    return Domain(lambda v: v in allowed, f"be {words}", words)
+
+
+def _from_to(low: int, high: int) -> Domain:
+    return Domain(lambda v: low <= v <= high, f"be from {low} to {high}", f"{{kind}} {low}..{high}")
+
+
+POSITIVE = Domain(lambda v: v > 0, "be > 0", "{kind} > 0")
+NON_NEGATIVE = Domain(lambda v: v >= 0, "be >= 0", "{kind} >= 0")
+FRACTION = Domain(lambda v: 0 <= v < 1, "be in [0, 1)", "{kind} in [0, 1)")
+OPEN_FRACTION = Domain(lambda v: 0 < v < 1, "be in (0, 1)", "{kind} in (0, 1)")
+DECAY = Domain(lambda v: 0 < v <= 1, "be in (0, 1]", "{kind} in (0, 1]")
+BOOLEAN = Domain(lambda v: True, "be true or false", "true/false")  # the type check is all there is
+# Odd sizes only: padding = k // 2 then keeps the spatial size exactly.
+ODD_KERNEL = Domain(lambda v: v in (1, 3, 5, 7, 9, 11), "be an odd size from 1 to 11", "odd {kind} 1..11")
+
+# Models whose builders read a hyperparameter; None: every model (see hpo.models.MODELS).
+CNN = ("cnn",)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """Everything hpo knows about one hyperparameter, declared once as a field of :class:`Hyperparameters`."""
+
+    name: str
+    kind: type
+    default: Value
+    domain: Domain
+    help: str  # one line: what it changes, with units
+    models: tuple[str, ...] | None = None  # the models it shapes; None: every model
+    # Sampled only when another hyperparameter has one of these values (conditional space).
+    only_when: tuple[str, tuple[Value, ...]] | None = None
+
+
+def _declare(
+    default: Value, domain: Domain, help: str, *,
+    models: tuple[str, ...] | None = None, only_when: tuple[str, tuple[Value, ...]] | None = None,
+) -> Any:
+    """A field of :class:`Hyperparameters`: its default, and what the study file may say about it."""
+    return dataclasses.field(default=default, metadata={"declared": (domain, help, models, only_when)})
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """One trial's configuration, and THE declaration of every hyperparameter.
+
+    Each field's name, type, default, domain, description, models and condition are declared here
+    and nowhere else: the study file's schema and errors, ``trial.suggest_*``, the README table and
+    what reaches the model, optimizer, loss and batches all follow from it.
+    """
+
+    lr: float = _declare(1e-3, POSITIVE, "learning rate (the peak rate under `onecycle`)")
+    batch_size: int = _declare(128, POSITIVE, "images per optimizer step")
+    kernel_size: int = _declare(3, ODD_KERNEL, "conv kernel width; padding `k // 2` keeps the spatial size", models=CNN)
+    weight_decay: float = _declare(0.0, NON_NEGATIVE, "L2 penalty (decoupled for AdamW), on every parameter")
+    # Each block halves the spatial size; 5 blocks take 32 px down to 1 px.
+    depth: int = _declare(
+        3, _from_to(1, 5), "conv blocks (conv → BatchNorm → activation → 2x2 pool → channel dropout)", models=CNN
+    )
+    base_width: int = _declare(
+        16, POSITIVE, "channels of the first block; channels double per block (16 with depth 3: 16 → 32 → 64)", models=CNN
+    )
+    dropout: float = _declare(0.0, FRACTION, "dropout before each linear layer", models=CNN)
+    optimizer: str = _declare("adamw", _one_of(*OPTIMIZERS), "the optimizer")
+    momentum: float = _declare(0.9, FRACTION, "momentum of sgd and rmsprop", only_when=("optimizer", ("sgd", "rmsprop")))
     # Architecture of the configurable CNN (see hpo.models.conv_net).
-    stride: int = 1
-    pool: str = "max"
-    batch_norm: bool = True
-    activation: str = "relu"
-    conv_dropout: float = 0.0
-    dense_width: int = 0
-    init: str = "default"
+    stride: int = _declare(1, _one_of(1, 2), "stride of every conv", models=CNN)
+    pool: str = _declare(
+        "max", _one_of(*POOLS), "2x2 pool after every conv (rounding up: a 1 px map stays 1 px)", models=CNN
+    )
+    batch_norm: bool = _declare(
+        True, BOOLEAN, "BatchNorm after every conv (the conv has a bias only without it)", models=CNN
+    )
+    activation: str = _declare(
+        "relu", _one_of(*ACTIVATIONS), "nonlinearity of the conv blocks and the dense layer", models=CNN
+    )
+    conv_dropout: float = _declare(0.0, FRACTION, "channel dropout (`Dropout2d`) after every conv block", models=CNN)
+    dense_width: int = _declare(
+        0, NON_NEGATIVE,
+        "0: global average pool → linear classifier; else the last feature map is flattened → dense layer of "
+        "this width → activation → classifier (the tutorials' LeNet head)",
+        models=CNN,
+    )
+    init: str = _declare(
+        "default", _one_of(*INITS),
+        "conv and linear weights: PyTorch's own, Kaiming normal or Xavier uniform with the activation's gain; biases 0",
+    )
     # Optimization.
-    nesterov: bool = True
-    schedule: str = "none"
-    step_size: int = 5
-    gamma: float = 0.1
-    warmup_fraction: float = 0.3
-    lr_scaling: str = "none"
-    reference_batch_size: int = 128
-    l1: float = 0.0
-    label_smoothing: float = 0.0
-    class_weighting: str = "none"
-    # Augmentation strength (when [train] augment is on): zero padding in pixels of the random crop.
-    crop_padding: int = 4
-    flip: bool = True
+    nesterov: bool = _declare(
+        True, BOOLEAN, "Nesterov momentum (with momentum > 0)", only_when=("optimizer", ("sgd",))
+    )
+    schedule: str = _declare(
+        "none", _one_of(*SCHEDULES),
+        "learning-rate schedule: `step` is StepLR per epoch; `cosine` anneals to 0 over `max_epochs` per epoch; "
+        "`onecycle` rises linearly from lr/25 to lr, then falls linearly to ~0, per batch, with momentum left as set",
+    )
+    step_size: int = _declare(5, POSITIVE, "epochs between StepLR decays", only_when=("schedule", ("step",)))
+    gamma: float = _declare(0.1, DECAY, "StepLR decay factor", only_when=("schedule", ("step",)))
+    warmup_fraction: float = _declare(
+        0.3, OPEN_FRACTION, "share of all steps spent rising to lr", only_when=("schedule", ("onecycle",))
+    )
+    lr_scaling: str = _declare(
+        "none", _one_of(*LR_SCALINGS),
+        "`linear`: the optimizer gets lr x batch_size / reference_batch_size (Goyal et al.'s rule)",
+    )
+    reference_batch_size: int = _declare(
+        128, POSITIVE, "the batch size at which `lr` applies unscaled", only_when=("lr_scaling", ("linear",))
+    )
+    l1: float = _declare(
+        0.0, NON_NEGATIVE, "L1 penalty: l1 x the sum of \\|w\\| over conv and linear weights is added to the training loss"
+    )
+    label_smoothing: float = _declare(0.0, FRACTION, "label smoothing of the training loss")
+    class_weighting: str = _declare(
+        "none", _one_of(*CLASS_WEIGHTINGS),
+        "`balanced`: class c's loss weight is n / (classes x count of c in the training part), for imbalanced data",
+    )
+    # Augmentation (when [train] augment is on).
+    crop_padding: int = _declare(4, _from_to(0, 16), "zero padding in pixels of the random crop; 0: no crop")
+    flip: bool = _declare(True, BOOLEAN, "random horizontal flip")
+    cutout: int = _declare(
+        0, _from_to(0, 32), "side in pixels of a square zeroed (after normalization: the mean) at a random centre "
+        "of each training image, clipped at its edges (DeVries and Taylor); 0: none"
+    )
+    mixup_alpha: float = _declare(
+        0.0, NON_NEGATIVE, "mixup: each training batch is blended with a shuffled copy of itself, weight ~ "
+        "Beta(alpha, alpha) per batch, and so is its loss (Zhang et al.); 0: none"
+    )
 
     def scaled_lr(self) -> float:
         """The learning rate the optimizer gets: ``lr`` times batch_size / reference_batch_size when linear scaling is on."""
@@ -113,103 +221,49 @@ class Hyperparameters:
         return self.lr
 
 
-def _positive(value: Value) -> str | None:
-    return None if value > 0 else "must be > 0"  # type: ignore[operator]
+_KINDS: Mapping[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _non_negative(value: Value) -> str | None:
-    return None if value >= 0 else "must be >= 0"  # type: ignore[operator]
+def _parameters() -> dict[str, Parameter]:
+    declared = {}
+    for field in dataclasses.fields(Hyperparameters):
+        domain, help, models, only_when = field.metadata["declared"]
+        declared[field.name] = Parameter(
+            name=field.name, kind=_KINDS[str(field.type)], default=field.default, domain=domain, help=help,
+            models=models, only_when=only_when,
+        )
+    return declared
 
 
-def _fraction(value: Value) -> str | None:
-    return None if 0 <= value < 1 else "must be in [0, 1)"  # type: ignore[operator]
+# Every hyperparameter by name, in declaration order.
+PARAMETERS: Mapping[str, Parameter] = _parameters()
 
 
-def _odd_kernel(value: Value) -> str | None:
-    # Odd sizes only: padding = k // 2 then keeps the spatial size exactly.
-    return None if value in (1, 3, 5, 7, 9, 11) else "must be an odd size from 1 to 11"
+def applies_to(name: str, model: str) -> bool:
+    """Whether hyperparameter ``name`` shapes ``model`` (a key of hpo.models.MODELS)."""
+    models = PARAMETERS[name].models
+    return models is None or model in models
 
 
-def _depth(value: Value) -> str | None:
-    # Each block halves the spatial size; 5 blocks take 32 px down to 1 px.
-    return None if 1 <= value <= 5 else "must be from 1 to 5"  # type: ignore[operator]
+def _shown(value: Value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"`{value}`"
+    return f"{value:g}"
 
 
-def _one_of(*allowed: str) -> Callable[[Value], str | None]:
-    def check(value: Value) -> str | None:
-        return None if value in allowed else f"must be one of {', '.join(allowed)}"
-
-    return check
-
-
-def _any(value: Value) -> str | None:
-    return None
-
-
-def _stride(value: Value) -> str | None:
-    return None if value in (1, 2) else "must be 1 or 2"
-
-
-def _open_fraction(value: Value) -> str | None:
-    return None if 0 < value < 1 else "must be in (0, 1)"  # type: ignore[operator]
-
-
-def _gamma(value: Value) -> str | None:
-    return None if 0 < value <= 1 else "must be in (0, 1]"  # type: ignore[operator]
-
-
-def _crop_padding(value: Value) -> str | None:
-    return None if 0 <= value <= 16 else "must be from 0 to 16"  # type: ignore[operator]
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """What the study file may say about one hyperparameter."""
-
-    kind: type
-    check: Callable[[Value], str | None]
-    help: str
-    # Sampled only when another hyperparameter has one of these values (conditional space).
-    only_when: tuple[str, tuple[Value, ...]] | None = None
-
-
-PARAMETERS: Mapping[str, Parameter] = {
-    "lr": Parameter(float, _positive, "learning rate"),
-    "batch_size": Parameter(int, _positive, "images per optimizer step"),
-    "kernel_size": Parameter(int, _odd_kernel, "conv kernel width; padding keeps the size"),
-    "weight_decay": Parameter(float, _non_negative, "L2 penalty (decoupled for AdamW)"),
-    "depth": Parameter(int, _depth, "conv blocks; channels double per block"),
-    "base_width": Parameter(int, _positive, "channels of the first conv block"),
-    "dropout": Parameter(float, _fraction, "dropout before the classifier"),
-    "optimizer": Parameter(str, _one_of(*OPTIMIZERS), "sgd, adam, adamw or rmsprop"),
-    "momentum": Parameter(
-        float, _fraction, "momentum of sgd and rmsprop", only_when=("optimizer", ("sgd", "rmsprop"))
-    ),
-    "stride": Parameter(int, _stride, "stride of every conv"),
-    "pool": Parameter(str, _one_of(*POOLS), "2x2 pool after every conv block"),
-    "batch_norm": Parameter(bool, _any, "BatchNorm after every conv"),
-    "activation": Parameter(str, _one_of(*ACTIVATIONS), "nonlinearity of the CNN"),
-    "conv_dropout": Parameter(float, _fraction, "channel dropout after every conv block"),
-    "dense_width": Parameter(int, _non_negative, "hidden dense layer before the classifier (0: none)"),
-    "init": Parameter(str, _one_of(*INITS), "weight initialization of conv and linear layers"),
-    "nesterov": Parameter(bool, _any, "Nesterov momentum for sgd", only_when=("optimizer", ("sgd",))),
-    "schedule": Parameter(str, _one_of(*SCHEDULES), "learning-rate schedule"),
-    "step_size": Parameter(int, _positive, "epochs between StepLR decays", only_when=("schedule", ("step",))),
-    "gamma": Parameter(float, _gamma, "StepLR decay factor", only_when=("schedule", ("step",))),
-    "warmup_fraction": Parameter(
-        float, _open_fraction, "one-cycle: share of the steps spent warming up", only_when=("schedule", ("onecycle",))
-    ),
-    "lr_scaling": Parameter(str, _one_of(*LR_SCALINGS), "linear: lr grows with batch_size / reference_batch_size"),
-    "reference_batch_size": Parameter(
-        int, _positive, "batch size at which lr applies unscaled", only_when=("lr_scaling", ("linear",))
-    ),
-    "l1": Parameter(float, _non_negative, "L1 penalty on conv and linear weights"),
-    "label_smoothing": Parameter(float, _fraction, "label smoothing of the training loss"),
-    "class_weighting": Parameter(str, _one_of(*CLASS_WEIGHTINGS), "balanced: loss weights inverse to class frequency"),
-    "crop_padding": Parameter(int, _crop_padding, "zero padding of the random crop, pixels (0: no crop)"),
-    "flip": Parameter(bool, _any, "random horizontal flip"),
-}
-assert tuple(PARAMETERS) == tuple(f.name for f in dataclasses.fields(Hyperparameters))
+def readme_table() -> str:
+    """The README's hyperparameter table, generated from the declaration (a test keeps the README in step)."""
+    lines = ["| hyperparameter | type | default | models | meaning |", "| --- | --- | --- | --- | --- |"]
+    for param in PARAMETERS.values():
+        meaning = param.help
+        if param.only_when is not None:
+            parent, values = param.only_when
+            meaning += f"; only when `{parent}` is {' or '.join(f'`{v}`' for v in values)}"
+        models = "all" if param.models is None else ", ".join(f"`{m}`" for m in param.models)
+        lines.append(f"| `{param.name}` | {param.domain.shown.format(kind=param.kind.__name__)} | {_shown(param.default)} | {models} | {meaning} |")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -244,7 +298,7 @@ def _check_value(name: str, value: object) -> Value:
         value = float(value)  # type: ignore[arg-type]
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value!r}")
-    problem = param.check(value)  # type: ignore[arg-type]
+    problem = param.domain.problem(value)  # type: ignore[arg-type]
     if problem:
         raise ValueError(f"{name} {problem}, got {value!r}")
     return value  # type: ignore[return-value]
@@ -316,7 +370,7 @@ def parse_space(table: Mapping[str, Any]) -> SearchSpace:
         if name in table:
             dist = _parse_entry(name, table[name])
         else:
-            dist = Fixed(getattr(Hyperparameters(), name))
+            dist = Fixed(PARAMETERS[name].default)
         entries.append((name, dist))
     chosen = dict(entries)
     for name, dist in entries:
@@ -365,7 +419,7 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> Hyperparameters:
         condition = PARAMETERS[name].only_when
         applies = condition is None or values[condition[0]] in condition[1]
         if isinstance(dist, Fixed) or not applies:
-            values[name] = dist.value if isinstance(dist, Fixed) else getattr(Hyperparameters(), name)
+            values[name] = dist.value if isinstance(dist, Fixed) else PARAMETERS[name].default
         elif isinstance(dist, FloatRange):
             values[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
         elif isinstance(dist, IntRange):

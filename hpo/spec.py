@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from hpo.errors import SpecError
-from hpo.space import CNN_ONLY, SearchSpace, grid, parse_space
+from hpo.errors import SpecError, UsageError
+from hpo.space import PARAMETERS, SearchSpace, applies_to, grid, parse_space
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -301,6 +301,37 @@ class StudySpec:
     space: SearchSpace
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """Values that replace the study file's (hpo.run's --study-name, --seed, --data-dir, --device,
+    --max-epochs); None keeps the file's value."""
+
+    study_name: str | None = None
+    seed: int | None = None
+    data_dir: str | None = None
+    device: str | None = None
+    max_epochs: int | None = None
+
+    def apply(self, spec: StudySpec) -> StudySpec:
+        """``spec`` with these values in place; a UsageError names the flag of a bad one."""
+        study, data, train = spec.study, spec.data, spec.train
+        if self.study_name is not None:
+            if not self.study_name.strip():
+                raise UsageError("argument --study-name: must not be empty")
+            study = dataclasses.replace(study, name=self.study_name)
+        if self.seed is not None:
+            study = dataclasses.replace(study, seed=self.seed)
+        if self.data_dir is not None:
+            data = dataclasses.replace(data, data_dir=self.data_dir)
+        for flag, name, value in (("--device", "device", self.device), ("--max-epochs", "max_epochs", self.max_epochs)):
+            if value is not None:
+                try:
+                    train = dataclasses.replace(train, **{name: value})
+                except ValueError as exc:  # the section's own check, as for the study file
+                    raise UsageError(f"argument {flag}: {exc}") from None
+        return dataclasses.replace(spec, study=study, data=data, train=train)
+
+
 def _at_least(section: object, **minimum: int) -> None:
     for key, low in minimum.items():
         value = getattr(section, key)
@@ -390,10 +421,11 @@ def load_spec(path: Path) -> StudySpec:
     except ValueError as exc:
         raise SpecError(f"{path}: [space] {exc}") from exc
     model = _build(ModelSection, raw.get("model", {}), f"{path}: [model]")
-    ignored = [key for key in raw.get("space", {}) if key in CNN_ONLY]
-    if model.name != "cnn" and ignored:
+    ignored = [key for key in raw.get("space", {}) if not applies_to(key, model.name)]
+    if ignored:
+        models = " and ".join(PARAMETERS[ignored[0]].models or ())
         raise SpecError(
-            f"{path}: [space] {ignored[0]} shapes the cnn model only; model {model.name!r} is a fixed architecture"
+            f"{path}: [space] {ignored[0]} shapes the {models} model only; model {model.name!r} is a fixed architecture"
         )
     sampler = _typed_section(SAMPLERS, {"type": "tpe", **raw.get("sampler", {})}, f"{path}: [sampler]")
     if isinstance(sampler, GridSamplerSpec):
@@ -436,3 +468,9 @@ def find_study(name_or_path: str) -> Path:
     raise SpecError(
         f"--study: unknown study {name_or_path!r}; available: {', '.join(available) or 'none'} (looked in {looked})"
     )
+
+
+def spec_for_study(study_name: str, study_file: str | Path | None) -> StudySpec:
+    """The study file of a stored study: ``study_file`` (a name in studies/ or a path), else the file named
+    like the study; its ``[study] name`` is the stored study's."""
+    return Overrides(study_name=study_name).apply(load_spec(find_study(str(study_file or study_name))))

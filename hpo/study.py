@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import sqlite3
-import threading
+import tempfile
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +18,7 @@ import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
 from hpo.errors import StorageError
+from hpo.outage import absorb_start_race
 from hpo.space import grid
 from hpo.spec import (
     CmaEsSamplerSpec,
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 # Seconds a client waits for a database connection before giving up with a clear error.
 CONNECT_TIMEOUT_S = 10
+# Seconds a server may leave a request unanswered before the connection counts as lost (Optuna's
+# queries take milliseconds to seconds; a minute of silence is a dead link).
+IO_TIMEOUT_S = 60
 # Trials finished for the budget: a pruned trial is a finished search decision too.
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # Times a trial whose worker died is re-queued before it is given up.
@@ -65,17 +69,46 @@ def redact(url: str) -> str:
         return "<unparseable URL>"
 
 
+# SQLAlchemy driver name (the part after "+" in a URL, or the backend's default) → what pip installs it.
+DRIVER_PACKAGES = {
+    "psycopg": "psycopg[binary]",
+    "psycopg2": "psycopg2-binary",
+    "pg8000": "pg8000",
+    "pymysql": "PyMySQL",
+    "mysqldb": "mysqlclient",
+    "mysqlconnector": "mysql-connector-python",
+    "mariadbconnector": "mariadb",
+    "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+    "oracledb": "oracledb",
+    "cx_oracle": "cx_Oracle",
+}
+
+
 def _parse(url: str, source: str) -> URL:
+    """The parsed URL, once its database is known and its driver imports; else StorageError naming the fix."""
     try:
         parsed = make_url(url)
     except sqlalchemy.exc.ArgumentError as exc:
         raise StorageError(f"{source}: cannot parse storage URL {url!r} (expected e.g. sqlite:///hpo.db)") from exc
     try:
-        parsed.get_dialect()
+        dialect = parsed.get_dialect()
     except sqlalchemy.exc.NoSuchModuleError as exc:
-        raise StorageError(f"{source}: unknown database in storage URL {redact(url)!r}") from exc
+        hint = " (PostgreSQL is postgresql+psycopg://...)" if parsed.get_backend_name() == "postgres" else ""
+        raise StorageError(f"{source}: unknown database in storage URL {redact(url)!r}{hint}") from exc
+    if dialect.is_async:
+        raise StorageError(
+            f"{source}: driver {dialect.driver!r} in {redact(url)!r} is asynchronous; Optuna needs a synchronous "
+            "one (e.g. postgresql+psycopg://, mysql+pymysql://)"
+        )
+    # SQLAlchemy imports the driver only when an engine is created; import it now to say what is missing.
+    try:
+        dialect.import_dbapi()
     except ImportError as exc:
-        raise StorageError(f"{source}: the driver for {redact(url)!r} is not installed ({exc.name})") from exc
+        package = DRIVER_PACKAGES.get(dialect.driver)
+        fix = f"pip install '{package}'" if package else f"install the Python module {exc.name or dialect.driver!r}"
+        problem = "is not installed" if isinstance(exc, ModuleNotFoundError) else f"cannot be imported ({exc})"
+        raise StorageError(f"{source}: driver {dialect.driver!r} for {redact(url)} {problem}: {fix}") from exc
     return parsed
 
 
@@ -87,23 +120,67 @@ def engine_kwargs(url: URL) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "pool_pre_ping": True,  # a connection dropped while idle is replaced, not used
         "pool_recycle": 300,  # seconds; below the usual server and proxy idle timeouts
-        "pool_size": 2,  # one worker process uses one connection at a time
-        "max_overflow": 2,
+        # A worker keeps one connection between uses; its heartbeat and reaper threads, when they overlap
+        # with the main thread, open a second or third for the moment. Held connections per worker are
+        # what runs into the server's max_connections as workers multiply (bench/storage.py).
+        "pool_size": 1,
+        "max_overflow": 3,
     }
     driver = url.get_driver_name()
-    if driver in ("psycopg2", "pymysql", "mysqldb"):
-        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    if driver in ("psycopg", "psycopg2"):
+        # A cut network that drops packets (no reset) must fail a call within seconds, not after the
+        # kernel's ~15 min of retransmissions, so that the worker's outage handling takes over.
+        kwargs["connect_args"] = {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "keepalives": 1,
+            "keepalives_idle": 10,  # seconds idle before the first probe
+            "keepalives_interval": 5,  # seconds between probes
+            "keepalives_count": 3,
+            "tcp_user_timeout": IO_TIMEOUT_S * 1000,  # milliseconds unacknowledged data may wait
+        }
+    elif driver in ("pymysql", "mysqldb"):
+        kwargs["connect_args"] = {
+            "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": IO_TIMEOUT_S, "write_timeout": IO_TIMEOUT_S,
+        }
     return kwargs
 
 
-def check_storage(url: str, source: str) -> None:
-    """Fail early, writing nothing, if the URL is malformed or its database can't be reached."""
-    parsed = _parse(url, source)
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database and database != ":memory:" and not Path(database).expanduser().resolve().parent.is_dir():
-            raise StorageError(f"{source}: folder of SQLite file {database!r} does not exist")
+def _check_sqlite_file(path: Path, source: str, *, writable: bool) -> None:
+    """The folder exists; for a writer, SQLite can create files in it (the database, its -wal and -shm files)."""
+    folder = path.resolve().parent
+    if not folder.exists():
+        raise StorageError(f"{source}: folder of SQLite file '{path}' does not exist")
+    if not folder.is_dir():
+        raise StorageError(f"{source}: folder of SQLite file '{path}' is not a folder ('{folder}' is a file)")
+    if path.is_dir():
+        raise StorageError(f"{source}: SQLite file '{path}' is a folder")
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as handle:
+            if handle.read(16) != b"SQLite format 3\x00":  # the header of every SQLite database file
+                raise StorageError(f"{source}: '{path}' is not a SQLite database file")
+    if not writable:
         return
+    # A real probe, not os.access: root passes access() checks that creating a file then fails
+    # (e.g. in /sys or /proc); the probe file is deleted at once.
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+        if path.exists():
+            path.open("r+b").close()
+    except OSError as exc:
+        raise StorageError(f"{source}: cannot write the SQLite file '{path}' ({exc.strerror or exc})") from exc
+
+
+def check_storage(url: str, source: str, *, writable: bool = True) -> None:
+    """Fail early, writing nothing, if the URL is malformed or its database can't be reached (or, with
+    ``writable``, a SQLite file can't be written)."""
+    parsed = _parse(url, source)
+    path = sqlite_path(url)
+    if path is not None:
+        _check_sqlite_file(path, source, writable=writable)
+        return
+    if parsed.get_backend_name() == "sqlite":
+        return  # in memory
     engine = sqlalchemy.create_engine(parsed, **engine_kwargs(parsed))
     try:
         with engine.connect():
@@ -145,14 +222,6 @@ def open_storage(
     """
     parsed = _parse(url, source)
     path = sqlite_path(url)
-    if path is not None:
-        # Write-ahead logging: readers never block the writer, so local workers rarely wait on a
-        # lock. The mode is stored in the file, so setting it once per open is enough.
-        connection = sqlite3.connect(path, timeout=60)
-        try:
-            connection.execute("PRAGMA journal_mode=WAL")
-        finally:
-            connection.close()
     heartbeat: dict[str, Any] = {}
     if heartbeat_interval is not None:
         heartbeat = {
@@ -161,37 +230,30 @@ def open_storage(
             ("heartbeat_stale_trial_callback" if _NEW_RETRY else "failed_trial_callback"): retry_callback(),
         }
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(parsed), **heartbeat)
-    except sqlalchemy.exc.SQLAlchemyError as exc:
+        if path is not None:
+            # Switching the journal mode needs the file to itself; SQLite answers "database is locked"
+            # at once, without its busy timeout, while another worker is creating the same file.
+            absorb_start_race("switch the SQLite file to write-ahead logging", lambda: _write_ahead_logging(path))
+        # Workers started together on a fresh database all try to create the tables: retry the losers.
+        return absorb_start_race(
+            "create the storage tables",
+            lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(parsed), **heartbeat),
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as exc:
         raise StorageError(f"{source}: cannot open {redact(url)}: {str(exc).splitlines()[0]}") from exc
 
 
-class Reaper(threading.Thread):
-    """Marks trials of dead workers FAIL (and so re-queues them) every ``interval`` seconds.
-
-    Optuna reaps stale trials only when a worker starts a new trial; this thread does it even
-    while every live worker is busy with a long trial.
-    """
-
-    def __init__(self, *, study: optuna.Study, interval: float) -> None:
-        super().__init__(name="hpo-reaper", daemon=True)
-        self.study = study
-        self.interval = interval
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            try:
-                optuna.storages.fail_stale_trials(self.study)
-            except Exception:  # a dropped connection must not kill the thread; next round retries
-                logger.warning("reaping stale trials failed; retrying in %.0f s", self.interval, exc_info=True)
-
-    def stop(self) -> None:
-        self._stop_event.set()
+def _write_ahead_logging(path: Path) -> None:
+    """Readers never block the writer, so local workers rarely wait on a lock; the mode is stored in the file."""
+    connection = sqlite3.connect(path, timeout=60)  # seconds a locked file is waited for
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+    finally:
+        connection.close()
 
 
 # Each spec dataclass's fields are its Optuna class's keyword arguments, named the same.
-_SAMPLER_CLASSES: dict[type, type[optuna.samplers.BaseSampler]] = {
+SAMPLER_CLASSES: dict[type, type[optuna.samplers.BaseSampler]] = {
     TpeSamplerSpec: optuna.samplers.TPESampler,
     RandomSamplerSpec: optuna.samplers.RandomSampler,
     GridSamplerSpec: optuna.samplers.GridSampler,
@@ -199,7 +261,7 @@ _SAMPLER_CLASSES: dict[type, type[optuna.samplers.BaseSampler]] = {
     GpSamplerSpec: optuna.samplers.GPSampler,
     QmcSamplerSpec: optuna.samplers.QMCSampler,
 }
-_PRUNER_CLASSES: dict[type, type[optuna.pruners.BasePruner]] = {
+PRUNER_CLASSES: dict[type, type[optuna.pruners.BasePruner]] = {
     MedianPrunerSpec: optuna.pruners.MedianPruner,
     PercentilePrunerSpec: optuna.pruners.PercentilePruner,
     SuccessiveHalvingPrunerSpec: optuna.pruners.SuccessiveHalvingPruner,
@@ -215,7 +277,7 @@ def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
     if isinstance(spec.sampler, GridSamplerSpec):
         # Stops the study by itself once every grid point has been tried.
         options["search_space"] = grid(spec.space)
-    return _SAMPLER_CLASSES[type(spec.sampler)](**options, seed=seed)
+    return SAMPLER_CLASSES[type(spec.sampler)](**options, seed=seed)
 
 
 def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -227,7 +289,7 @@ def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         options["max_resource"] = spec.train.max_epochs
     if isinstance(pruner, PatientPrunerSpec):
         options["wrapped_pruner"] = None  # patience alone decides
-    return _PRUNER_CLASSES[type(pruner)](**options)
+    return PRUNER_CLASSES[type(pruner)](**options)
 
 
 def _existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.study.StudySummary | None:
@@ -250,7 +312,7 @@ def sampler_seed(study_seed: int, *, worker_index: int, trials_so_far: int) -> i
 
 def check_existing_storage(url: str, source: str) -> None:
     """Like check_storage, and a SQLite file must exist: readers never create an empty database."""
-    check_storage(url, source)
+    check_storage(url, source, writable=False)
     path = sqlite_path(url)
     if path is not None and not path.is_file():
         raise StorageError(f"{source}: no SQLite file '{path}' here (run python -m hpo.run first, or give --storage)")
@@ -269,7 +331,12 @@ def load_existing_study(url: str, source: str, name: str, *, flag: str) -> optun
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int = 0) -> optuna.Study:
-    """Create the study, or resume it when one of that name already exists."""
+    """Create the study, or resume it when one of that name already exists (also when another worker
+    creates it in the same instant)."""
+    return absorb_start_race("create the study", lambda: _open_study(spec, storage, worker_index=worker_index))
+
+
+def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int) -> optuna.Study:
     direction = spec.study.direction
     assert direction is not None
     found = _existing(storage, spec.study.name)

@@ -12,14 +12,16 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from hpo.data import Augmentation, Normalizer, SearchData, Split, eval_batches, steps_per_epoch, train_batches
+from hpo.data import Normalizer, SearchData, Split, cut_out, eval_batches, steps_per_epoch, train_batches
+from hpo.space import Hyperparameters
 
 # Images per forward pass when evaluating; bounded so that big models still fit in memory.
 EVAL_BATCH_SIZE = 1024
@@ -27,28 +29,13 @@ EVAL_BATCH_SIZE = 1024
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float
-    batch_size: int
-    weight_decay: float
-    optimizer: str
-    momentum: float
+    hp: Hyperparameters  # the trial's configuration: everything the optimizer, schedule, loss and batches read
     max_epochs: int
-    augment: bool
+    augment: bool  # false: no augmentation whatever hp says
     seed: int
     device: torch.device
     compile: bool = False
     precision: str = "auto"  # auto, bf16 or fp32: see uses_bf16
-    # Defaults below are the behaviour before these were hyperparameters.
-    nesterov: bool = True  # sgd only, and only with momentum > 0
-    schedule: str = "none"  # none, step, cosine or onecycle
-    step_size: int = 5  # step: epochs between decays
-    gamma: float = 0.1  # step: factor per decay
-    warmup_fraction: float = 0.3  # onecycle: share of all steps spent rising to lr
-    l1: float = 0.0  # L1 penalty factor on conv and linear weights
-    label_smoothing: float = 0.0
-    class_weighting: str = "none"  # none or balanced
-    crop_padding: int = 4  # pixels; 0: no random crop
-    flip: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,19 +105,19 @@ def _save_checkpoint(
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
-    if config.optimizer == "sgd":
+    hp, params = config.hp, model.parameters()
+    lr = hp.scaled_lr()
+    if hp.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
-            weight_decay=config.weight_decay,
+            params, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0, weight_decay=hp.weight_decay,
         )
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    raise ValueError(f"unknown optimizer {hp.optimizer!r}")
 
 
 class Schedule:
@@ -157,25 +144,25 @@ class Schedule:
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, *, steps_per_epoch: int) -> Schedule:
-    lr_scheduler = torch.optim.lr_scheduler
-    if config.schedule == "none":
+    lr_scheduler, hp = torch.optim.lr_scheduler, config.hp
+    if hp.schedule == "none":
         return Schedule(None, per_batch=False)
-    if config.schedule == "step":
-        return Schedule(lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma), per_batch=False)
-    if config.schedule == "cosine":
+    if hp.schedule == "step":
+        return Schedule(lr_scheduler.StepLR(optimizer, step_size=hp.step_size, gamma=hp.gamma), per_batch=False)
+    if hp.schedule == "cosine":
         # Down to 0 at the end of max_epochs; a trial pruned earlier never gets there.
         return Schedule(lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.max_epochs), per_batch=False)
-    if config.schedule == "onecycle":
+    if hp.schedule == "onecycle":
         # Linear warm-up from lr/25 to lr over warmup_fraction of all steps, then linear decay to
         # lr/25/1e4, as in Page's ResNet-9 recipe; momentum stays the momentum hyperparameter.
         return Schedule(
             lr_scheduler.OneCycleLR(
-                optimizer, max_lr=config.lr, total_steps=config.max_epochs * steps_per_epoch,
-                pct_start=config.warmup_fraction, anneal_strategy="linear", cycle_momentum=False,
+                optimizer, max_lr=hp.scaled_lr(), total_steps=config.max_epochs * steps_per_epoch,
+                pct_start=hp.warmup_fraction, anneal_strategy="linear", cycle_momentum=False,
             ),
             per_batch=True,
         )
-    raise ValueError(f"unknown schedule {config.schedule!r}")
+    raise ValueError(f"unknown schedule {hp.schedule!r}")
 
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -187,24 +174,78 @@ def make_loss(model: nn.Module, config: TrainConfig, train_labels: torch.Tensor,
     Validation always uses plain cross-entropy, so that trials stay comparable.  The class weights
     are computed once here on the device; the L1 term is a device tensor, so no step waits on the host.
     """
-    weight = None
-    if config.class_weighting == "balanced":
+    hp, weight = config.hp, None
+    if hp.class_weighting == "balanced":
         # n / (classes * count): each class contributes as if the classes were balanced.
         counts = torch.bincount(train_labels, minlength=num_classes).float()
         weight = len(train_labels) / (num_classes * counts.clamp(min=1))
     weights = [p for p in model.parameters() if p.ndim > 1]  # conv and linear weights, no biases or norms
 
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        value = nn.functional.cross_entropy(logits, labels, weight=weight, label_smoothing=config.label_smoothing)
-        if config.l1 > 0:
-            value = value + config.l1 * torch.stack([w.abs().sum() for w in weights]).sum()
+        value = nn.functional.cross_entropy(logits, labels, weight=weight, label_smoothing=hp.label_smoothing)
+        if hp.l1 > 0:
+            value = value + hp.l1 * torch.stack([w.abs().sum() for w in weights]).sum()
         return value
 
     return loss
 
 
-def make_augmentation(config: TrainConfig) -> Augmentation | None:
-    return Augmentation(crop_padding=config.crop_padding, flip=config.flip) if config.augment else None
+def make_augmentation(config: TrainConfig) -> Hyperparameters | None:
+    """What augments the training batches: the trial's crop_padding, flip, cutout and mixup_alpha, or nothing."""
+    return config.hp if config.augment else None
+
+
+class Mixup:
+    """mixup (Zhang et al., 2018): a batch becomes lam x itself + (1 - lam) x a shuffled copy, and so does its loss.
+
+    lam ~ Beta(alpha, alpha) is drawn on the host from a generator keyed by (seed, epoch), so a
+    resumed fit blends exactly as an uninterrupted one and no step waits on the device; the
+    shuffle uses the training generator, on the device.
+    """
+
+    def __init__(self, alpha: float, *, seed: int, epoch: int) -> None:
+        self.alpha = alpha
+        self.draws = np.random.default_rng((seed, epoch))
+
+    def blend(self, batch: Batch, generator: torch.Generator) -> Batch:
+        lam = float(self.draws.beta(self.alpha, self.alpha))
+        partner = torch.randperm(batch.labels.shape[0], device=batch.labels.device, generator=generator)
+        inputs = lam * batch.inputs + (1 - lam) * batch.inputs[partner]
+        return Batch(inputs=inputs, labels=batch.labels, partner_labels=batch.labels[partner], lam=lam)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training step's input, normalized and augmented, and how its loss is taken."""
+
+    inputs: torch.Tensor  # float (B, C, H, W), channels_last
+    labels: torch.Tensor
+    # mixup: the labels of the images blended in, with weight 1 - lam; None without mixup.
+    partner_labels: torch.Tensor | None = None
+    lam: float = 1.0
+
+    def loss(self, criterion: Loss, logits: torch.Tensor) -> torch.Tensor:
+        value = criterion(logits, self.labels)
+        if self.partner_labels is None:
+            return value
+        return self.lam * value + (1 - self.lam) * criterion(logits, self.partner_labels)
+
+
+def training_batches(
+    split: Split, config: TrainConfig, *, generator: torch.Generator, normalize: Normalizer, epoch: int
+) -> Iterator[Batch]:
+    """One epoch of shuffled batches with the trial's augmentation: crop and flip, cutout, mixup."""
+    augmentation = make_augmentation(config)
+    mixup = None
+    if augmentation is not None and augmentation.mixup_alpha > 0:
+        mixup = Mixup(augmentation.mixup_alpha, seed=config.seed, epoch=epoch)
+    for images, labels in train_batches(
+        split, batch_size=config.hp.batch_size, generator=generator, augmentation=augmentation
+    ):
+        batch = Batch(inputs=normalize(images), labels=labels)
+        if augmentation is not None and augmentation.cutout > 0:
+            batch = Batch(inputs=cut_out(batch.inputs, generator, augmentation.cutout), labels=labels)
+        yield batch if mixup is None else mixup.blend(batch, generator)
 
 
 def _cpu_has_bf16() -> bool:
@@ -252,6 +293,27 @@ def evaluate(
     return loss_sum.item() / n, correct.item() / n
 
 
+def _train_epoch(
+    step_model: nn.Module, batches: Iterator[Batch], *, criterion: Loss, optimizer: torch.optim.Optimizer,
+    schedule: Schedule, device: torch.device, bf16: bool,
+) -> tuple[float, int]:
+    """One pass over ``batches``: (mean training loss, images seen); the loss is read from the device once."""
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    seen = 0
+    for batch in batches:
+        with _autocast(device, bf16):
+            logits = step_model(batch.inputs)
+        loss = batch.loss(criterion, logits.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.after_step()
+        loss_sum += loss.detach() * batch.labels.shape[0]
+        seen += batch.labels.shape[0]
+    schedule.after_epoch()
+    return loss_sum.item() / max(1, seen), seen  # the epoch's one host read of training state
+
+
 def fit(
     model: nn.Module,
     data: SearchData,
@@ -260,6 +322,8 @@ def fit(
     *,
     checkpoint: Path | None = None,
     resume: Checkpoint | None = None,
+    stop_after: int | None = None,
+    evaluate_each_epoch: bool = True,
 ) -> FitResult:
     """Train ``model`` on ``data.train`` for up to ``config.max_epochs``, evaluating on ``data.val``.
 
@@ -267,7 +331,10 @@ def fit(
     training and propagates to the caller.  ``data`` must already be on ``config.device``.
     With ``checkpoint``, the state is saved there after every epoch (before ``on_epoch_end``);
     with ``resume``, training continues after that checkpoint's last epoch, whose results are
-    included in the returned ``FitResult``.
+    included in the returned ``FitResult``.  ``stop_after``: train that many epochs only, with the
+    learning-rate schedule still spanning ``config.max_epochs`` (as a trial pruned there did).
+    ``evaluate_each_epoch=False`` skips ``data.val`` (its loss and accuracy are then NaN), for a
+    caller that looks at held-out data once, after training.
     """
     device = config.device
     if device.type == "cuda":
@@ -275,7 +342,7 @@ def fit(
     model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     bf16 = uses_bf16(config.precision, device)
-    schedule = make_schedule(optimizer, config, steps_per_epoch=steps_per_epoch(len(data.train), config.batch_size))
+    schedule = make_schedule(optimizer, config, steps_per_epoch=steps_per_epoch(len(data.train), config.hp.batch_size))
     criterion = make_loss(model, config, data.train.labels, data.num_classes)
     # The compiled module shares its parameters with ``model``; state dicts stay those of ``model``.
     step_model = torch.compile(model) if config.compile else model
@@ -288,27 +355,18 @@ def fit(
         schedule.load_state_dict(resume.schedule)
         generator.set_state(resume.generator)
         epochs = list(resume.epochs)
-    for epoch in range(len(epochs) + 1, config.max_epochs + 1):
+    last = config.max_epochs if stop_after is None else min(stop_after, config.max_epochs)
+    for epoch in range(len(epochs) + 1, last + 1):
         start = time.perf_counter()
         model.train()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        seen = 0
-        for images, labels in train_batches(
-            data.train, batch_size=config.batch_size, generator=generator, augmentation=make_augmentation(config)
-        ):
-            with _autocast(device, bf16):
-                logits = step_model(normalize(images))
-            loss = criterion(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.after_step()
-            loss_sum += loss.detach() * labels.shape[0]
-            seen += labels.shape[0]
-        schedule.after_epoch()
-        train_loss = loss_sum.item() / max(1, seen)  # the epoch's one host read of training state
+        batches = training_batches(data.train, config, generator=generator, normalize=normalize, epoch=epoch)
+        train_loss, seen = _train_epoch(
+            step_model, batches, criterion=criterion, optimizer=optimizer, schedule=schedule, device=device, bf16=bf16
+        )
         train_seconds = time.perf_counter() - start
-        val_loss, val_accuracy = evaluate(step_model, data.val, normalize, device, bf16=bf16)
+        val_loss, val_accuracy = math.nan, math.nan
+        if evaluate_each_epoch:
+            val_loss, val_accuracy = evaluate(step_model, data.val, normalize, device, bf16=bf16)
         _sync(device)
         result = EpochResult(
             epoch=epoch,

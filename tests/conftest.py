@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,3 +111,59 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory, archive: Path) -> F
     url = f"sqlite:///{folder / 'hpo.db'}"
     assert main(["--study", str(study_file), "--n-trials", "5", "--storage", url, "--quiet"]) == 0
     return FinishedStudy(study_file=study_file, url=url, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def told_study(tmp_path_factory: pytest.TempPathFactory) -> FinishedStudy:
+    """A study shaped like ``finished_study`` (3 complete trials of 2 epochs, 2 pruned after 1), told by hand:
+    for tests of reading a study, which need no training."""
+    folder = tmp_path_factory.mktemp("told")
+    study_file = write_study(folder, archive=folder / "no-data.tar.gz", max_epochs=2)
+    url = f"sqlite:///{folder / 'hpo.db'}"
+    study = optuna.create_study(study_name="tiny", storage=url)
+    study.set_metric_names(["val_loss"])
+    distributions = {
+        "lr": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True),
+        "batch_size": optuna.distributions.CategoricalDistribution([32, 64]),
+    }
+    for number, (lr, losses) in enumerate([(1e-2, [2.1, 1.9]), (1e-3, [2.2, 2.0]), (1e-4, [2.4]), (3e-3, [2.0, 1.8]), (1e-5, [2.5])]):
+        trial = study.ask(distributions)
+        trial.set_user_attr("seed", number)
+        for epoch, loss in enumerate(losses, start=1):
+            trial.report(loss, epoch)
+        trial.set_user_attr("val_accuracy", 0.3)
+        trial.set_user_attr("best_epoch", len(losses))
+        if len(losses) == 2:
+            study.tell(trial, losses[-1])
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    return FinishedStudy(study_file=study_file, url=url, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def real_jpegs(archive: Path) -> list[bytes]:
+    """The first 210 JPEG files of the CIFAR-10 archive, as bytes (read from its start: no full decode)."""
+    import tarfile
+
+    found: list[bytes] = []
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                handle = tar.extractfile(member)
+                assert handle is not None
+                found.append(handle.read())
+                if len(found) == 210:
+                    break
+    return found
+
+
+def image_folder(root: Path, jpegs: list[bytes], *, per_class: int, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    """``root/train/<class>/`` with ``per_class`` real JPEGs per class and ``root/test/<class>/`` with one."""
+    files = iter(jpegs)
+    for split, count in (("train", per_class), ("test", 1)):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                (folder / f"{i:04d}.jpg").write_bytes(next(files))
+    return root

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import optuna
@@ -10,8 +11,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import FinishedStudy
-from hpo.best import load_model, main
+from conftest import FinishedStudy, image_folder
+from hpo.best import main
+from hpo.retraining import load_model
 from hpo.data import Normalizer, Split, load_dataset
 from hpo.spec import load_spec
 from hpo.train import evaluate
@@ -83,6 +85,8 @@ def test_replay_recomputes_the_stored_values(finished_study: FinishedStudy, caps
         (["--trial", "99"], "--trial: study 'tiny' has no trial 99"),
         (["--trial", "-1"], "argument --trial: must be an integer >= 0, got '-1'"),
         (["--device", "tpu"], "argument --device: must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        # Checked before retraining, not after: /sys refuses new files even to root.
+        (["--out", "/sys/hpo-out"], "--out: cannot write in '/sys/hpo-out'"),
     ],
 )
 def test_bad_input_is_one_line(
@@ -91,4 +95,15 @@ def test_bad_input_is_one_line(
     assert main(_argv(finished_study, "--out", str(tmp_path / "out"), *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("hpo.best: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_without_a_test_set_is_refused(
+    finished_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str], real_jpegs: list[bytes]
+) -> None:
+    data = image_folder(tmp_path / "set", real_jpegs, per_class=5)
+    shutil.rmtree(data / "test")
+    assert main(_argv(finished_study, "--out", str(tmp_path / "out"), "--data-dir", str(data))) == 2
+    err = capsys.readouterr().err
+    assert err == f"hpo.best: error: data_dir: no test images in {data} (test/<class>/): the retrained model is tested on them\n"
     assert not (tmp_path / "out").exists()

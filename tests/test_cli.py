@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_study
+from conftest import image_folder, write_study
 from hpo.run import main
 
 
@@ -43,6 +43,9 @@ def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], *expected: str) 
         ("--workers-per-gpu", "0", "argument --workers-per-gpu: must be a positive integer, got '0'"),
         ("--gpus", "zero", "argument --gpus: must be 'all' or a list like 0,2,3, got 'zero'"),
         ("--heartbeat-interval", "0", "argument --heartbeat-interval: must be a positive integer, got '0'"),
+        ("--grace-period", "10", "argument --grace-period: must be above --heartbeat-interval (10 s), got 10"),
+        ("--grace-period", "5", "argument --grace-period: must be above --heartbeat-interval (10 s), got 5"),
+        ("--storage-patience", "0", "argument --storage-patience: must be a number of seconds > 0, got '0'"),
     ],
 )
 def test_bad_flag_values(workdir: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, expected: str) -> None:
@@ -89,11 +92,60 @@ def test_inverted_range_in_study_file(workdir: Path, capsys: pytest.CaptureFixtu
         ("not a url", "--storage: cannot parse storage URL 'not a url'"),
         ("nosuchdb://x/y", "--storage: unknown database in storage URL 'nosuchdb://x/y'"),
         ("sqlite:////no/such/folder/h.db", "--storage: folder of SQLite file '/no/such/folder/h.db' does not exist"),
+        # /sys refuses new files even to root, whatever its permission bits say.
+        ("sqlite:////sys/hpo.db", "--storage: cannot write the SQLite file '/sys/hpo.db'"),
+        ("postgres://u@127.0.0.1/x", "--storage: unknown database in storage URL 'postgres://u@127.0.0.1/x' (PostgreSQL is postgresql+psycopg://"),
+        ("postgresql+asyncpg://u@127.0.0.1/x", "--storage: driver 'asyncpg' in 'postgresql+asyncpg://u@127.0.0.1/x' is asynchronous"),
     ],
 )
 def test_bad_storage_url(workdir: Path, capsys: pytest.CaptureFixture[str], archive: Path, url: str, expected: str) -> None:
     _fails(capsys, ["--study", "quick", "--n-trials", "2", "--data-dir", str(archive), "--storage", url], expected)
     assert not (workdir / "hpo.db").exists()
+
+
+def test_sqlite_file_where_a_file_or_folder_is_in_the_way(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (workdir / "notes").write_text("a file, not a folder")
+    (workdir / "folder.db").mkdir()
+    (workdir / "text.db").write_text("not a database")
+    for url, expected in (
+        (f"sqlite:///{workdir}/notes/h.db", f"--storage: folder of SQLite file '{workdir}/notes/h.db' is not a folder"),
+        (f"sqlite:///{workdir}/folder.db", f"--storage: SQLite file '{workdir}/folder.db' is a folder"),
+        (f"sqlite:///{workdir}/text.db", f"--storage: '{workdir}/text.db' is not a SQLite database file"),
+    ):
+        _fails(capsys, ["--study", "quick", "--n-trials", "2", "--storage", url], expected)
+    assert (workdir / "text.db").read_text() == "not a database"
+    assert sorted(p.name for p in workdir.iterdir()) == ["folder.db", "notes", "text.db"], "no probe file left behind"
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "install"),
+    [
+        ("postgresql+pg8000://postgres:hunter2@127.0.0.1/test", "pg8000", "pip install 'pg8000'"),
+        ("mysql+mysqldb://root@127.0.0.1/test", "MySQLdb", "pip install 'mysqlclient'"),
+    ],
+)
+def test_a_storage_driver_that_is_not_installed_names_the_pip_install(
+    workdir: Path, capsys: pytest.CaptureFixture[str], url: str, module: str, install: str
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    err = _fails(capsys, ["--study", "quick", "--n-trials", "2", "--storage", url], "is not installed: " + install)
+    assert "hunter2" not in err
+    assert not (workdir / "hpo.db").exists()
+
+
+def test_psycopg_missing_names_its_pip_install(workdir: Path) -> None:
+    # psycopg is installed with the test extra; this process is made unable to import it.
+    block = "import sys; sys.modules['psycopg'] = None; from hpo.run import main; sys.exit(main(sys.argv[1:]))"
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    done = subprocess.run(
+        [sys.executable, "-c", block, "--study", "quick", "--n-trials", "2", "--storage", url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"hpo.run: error: --storage: driver 'psycopg' for {url} is not installed: pip install 'psycopg[binary]'\n"
 
 
 def test_unreachable_database_hides_the_password(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,6 +167,81 @@ def test_missing_dataset_offline_says_where_it_looked(
     empty.mkdir()
     _fails(capsys, ["--study", "quick", "--n-trials", "2", "--data-dir", str(empty)], f"looked in {empty}", "HPO_DATA_ARCHIVE", "--data-dir")
     assert not (workdir / "hpo.db").exists()
+
+
+def _truncated_archive(folder: Path, archive: Path, jpegs: list[bytes]) -> Path:
+    with archive.open("rb") as whole:
+        (folder / "cut.tar.gz").write_bytes(whole.read(200_000))  # bytes of 19 MB
+    return folder / "cut.tar.gz"
+
+
+def _corrupt_image(folder: Path, archive: Path, jpegs: list[bytes]) -> Path:
+    root = image_folder(folder / "set", jpegs, per_class=5)
+    (root / "train" / "dog" / "0001.jpg").write_bytes(jpegs[-1][:300])  # a real JPEG, cut short
+    return root
+
+
+def _one_class(folder: Path, archive: Path, jpegs: list[bytes]) -> Path:
+    return image_folder(folder / "set", jpegs, per_class=5, classes=("cat",))
+
+
+def _unknown_test_class(folder: Path, archive: Path, jpegs: list[bytes]) -> Path:
+    root = image_folder(folder / "set", jpegs, per_class=5)
+    (root / "test" / "zebra").mkdir()
+    (root / "test" / "zebra" / "0.jpg").write_bytes(jpegs[-1])
+    return root
+
+
+def _no_images(folder: Path, archive: Path, jpegs: list[bytes]) -> Path:
+    (folder / "set" / "train" / "cat").mkdir(parents=True)
+    return folder / "set"
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (_truncated_archive, ("cannot read archive {path} after ", "Compressed file ended before the end-of-stream marker")),
+        (_corrupt_image, ("1 of 12 images in {path} are unreadable (up to 1% are skipped), first train/dog/0001.jpg",)),
+        (_one_class, ("{path} has 1 class in train/<class>/ (only 'cat'); a classifier needs at least 2",)),
+        (_unknown_test_class, ("{path} has test classes with no training images: zebra",)),
+        (_no_images, ("no images under {path} in train/<class>/",)),
+    ],
+    ids=["truncated-archive", "corrupt-image", "one-class", "unknown-test-class", "no-images"],
+)
+def test_bad_data_is_one_line_and_writes_nothing(
+    workdir: Path, capsys: pytest.CaptureFixture[str], archive: Path, real_jpegs: list[bytes], make,
+    expected: tuple[str, ...],
+) -> None:
+    path = make(workdir, archive, real_jpegs)
+    fragments = [text.format(path=path) for text in expected]
+    _fails(capsys, ["--study", "quick", "--n-trials", "2", "--data-dir", str(path)], "hpo.run: error: data_dir: ", *fragments)
+    assert not (workdir / "hpo.db").exists() and not (workdir / "hpo-checkpoints").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "/sys/hpo-checkpoints"])
+def test_a_checkpoint_folder_that_cannot_be_written_is_named(
+    workdir: Path, capsys: pytest.CaptureFixture[str], real_jpegs: list[bytes], where: str
+) -> None:
+    data = image_folder(workdir / "set", real_jpegs, per_class=5)
+    if where == "file":
+        (workdir / "file").write_text("")
+    expected = "'file' is a file, not a folder" if where == "file" else f"cannot write in '{where}'"
+    argv = ["--study", "quick", "--n-trials", "2", "--data-dir", str(data), "--checkpoint-dir", where]
+    _fails(capsys, argv, f"hpo.run: error: --checkpoint-dir: {expected}")
+    assert not (workdir / "hpo.db").exists()
+
+
+def test_a_report_folder_that_cannot_be_written_is_named(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import optuna
+
+    from hpo.report import main as report
+
+    url = f"sqlite:///{workdir / 'h.db'}"
+    optuna.create_study(storage=url, study_name="quick")
+    (workdir / "file").write_text("")
+    assert report(["--study", "quick", "--storage", url, "--out", "file/report"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hpo.report: error: --out: cannot write in 'file/report'") and err.count("\n") == 1, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

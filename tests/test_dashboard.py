@@ -18,7 +18,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import FinishedStudy
-from hpo.dashboard import main, note_pruned, pruning_note
+from hpo.dashboard import main
+from hpo.notes import Pruned, pruning_note, write_pruning_note
+from hpo.spec import MedianPrunerSpec, PercentilePrunerSpec, SuccessiveHalvingPrunerSpec
 
 # Seconds to wait for the server to answer: Python, optuna and the dashboard load first.
 START_TIMEOUT_S = 60
@@ -81,6 +83,7 @@ def test_dashboard_api_serves_the_trials_their_attrs_and_notes(dashboard: str, f
     served = detail["trials"]
     assert isinstance(served, list)
     assert [t["number"] for t in served] == [t.number for t in stored]
+    assert {TrialState.PRUNED, TrialState.COMPLETE} <= {t.state for t in stored}, "both kinds of row are checked below"
     for trial, row in zip(stored, served):
         attrs = {a["key"] for a in row["user_attrs"]}
         assert {"val_accuracy", "seconds_per_epoch", "images_per_second", "params", "device", "host", "seed"} <= attrs
@@ -111,15 +114,14 @@ def test_dashboard_page_renders_in_headless_chromium(dashboard: str, finished_st
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
 
 
-@pytest.mark.slow
 def test_busy_port_and_missing_storage_are_one_line(
-    finished_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    told_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert main(["--storage", finished_study.url, "--port", str(port)]) == 2
+        assert main(["--storage", told_study.url, "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"hpo.dashboard: error: --port: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1, err
     assert main(["--storage", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
@@ -129,12 +131,11 @@ def test_busy_port_and_missing_storage_are_one_line(
     assert "argument --port: must be a port number from 1 to 65535, got '70000'" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_without_optuna_dashboard_the_command_says_how_to_install_it(
-    finished_study: FinishedStudy, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    told_study: FinishedStudy, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # import fails as if not installed
-    assert main(["--storage", finished_study.url, "--port", str(_free_port())]) == 2
+    assert main(["--storage", told_study.url, "--port", str(_free_port())]) == 2
     assert 'optuna-dashboard is not installed: pip install -e ".[dashboard]"' in capsys.readouterr().err
 
 
@@ -157,7 +158,7 @@ def _pruned_in_memory(*, dashboard_installed: bool, monkeypatch: pytest.MonkeyPa
     with monkeypatch.context() as patch:
         if not dashboard_installed:
             patch.setitem(sys.modules, "optuna_dashboard", None)  # import fails as if not installed
-        note_pruned(trial, epoch=1, value=2.5, best=2.5, metric="val_loss")
+        write_pruning_note(trial, Pruned(epoch=1, value=2.5, best=2.5, metric="val_loss", pruner=MedianPrunerSpec(2)))
     study.tell(trial, state=TrialState.PRUNED)
     return trial
 
@@ -178,13 +179,14 @@ def test_without_optuna_dashboard_no_note_is_written(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize(
-    ("pruner", "expected"),
+    ("pruner", "spec", "expected"),
     [
-        (optuna.pruners.PercentilePruner(25.0, n_startup_trials=0), "- threshold: the 25th percentile 1.5000 of the 2"),
-        (optuna.pruners.SuccessiveHalvingPruner(), "- why: it was not among the best share"),
+        (optuna.pruners.PercentilePruner(25.0, n_startup_trials=0), PercentilePrunerSpec(25.0, n_startup_trials=0),
+         "- threshold: the 25th percentile 1.5000 of the 2"),
+        (optuna.pruners.SuccessiveHalvingPruner(), SuccessiveHalvingPrunerSpec(), "- why: it was not among the best share"),
     ],
 )
-def test_other_pruners_get_their_own_note(pruner: optuna.pruners.BasePruner, expected: str) -> None:
+def test_other_pruners_get_their_own_note(pruner: optuna.pruners.BasePruner, spec: object, expected: str) -> None:
     trial = _third_trial(pruner)
-    note = pruning_note(trial, epoch=1, value=2.5, best=2.5, metric="val_loss")
+    note = pruning_note(trial, Pruned(epoch=1, value=2.5, best=2.5, metric="val_loss", pruner=spec))
     assert note.startswith(f"**Pruned at epoch 1** by {type(pruner).__name__}.") and expected in note, note

@@ -10,7 +10,6 @@ import torch
 
 from hpo.data import (
     DATASETS,
-    Augmentation,
     Normalizer,
     augment,
     cache_dir,
@@ -19,6 +18,7 @@ from hpo.data import (
     train_batches,
 )
 from hpo.errors import DataError
+from hpo.space import Hyperparameters
 from hpo.spec import DataSection
 
 
@@ -78,7 +78,7 @@ def test_other_datasets_missing_offline_say_where_they_looked(tmp_path: Path, da
 @pytest.mark.parametrize("channels", [1, 3])
 def test_augment_is_a_per_image_crop_and_flip_of_the_padded_image(channels: int) -> None:
     images = torch.randint(0, 256, (16, 8, 8, channels), dtype=torch.uint8)
-    out = augment(images, torch.Generator().manual_seed(0), Augmentation(crop_padding=4, flip=True))
+    out = augment(images, torch.Generator().manual_seed(0), Hyperparameters(crop_padding=4, flip=True))
     assert out.shape == images.shape and out.dtype == torch.uint8
     pad = 4
     padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
@@ -101,12 +101,12 @@ def test_augment_is_a_per_image_crop_and_flip_of_the_padded_image(channels: int)
 def test_augmentation_strength_is_configurable() -> None:
     images = torch.randint(0, 256, (32, 8, 8, 3), dtype=torch.uint8)
     generator = torch.Generator().manual_seed(0)
-    assert torch.equal(augment(images, generator, Augmentation(crop_padding=0, flip=False)), images)
-    flipped = augment(images, generator, Augmentation(crop_padding=0, flip=True))
+    assert torch.equal(augment(images, generator, Hyperparameters(crop_padding=0, flip=False)), images)
+    flipped = augment(images, generator, Hyperparameters(crop_padding=0, flip=True))
     same = [torch.equal(flipped[i], images[i]) for i in range(32)]
     mirrored = [torch.equal(flipped[i], images[i].flip(1)) for i in range(32)]
     assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
-    cropped = augment(images, generator, Augmentation(crop_padding=2, flip=False))
+    cropped = augment(images, generator, Hyperparameters(crop_padding=2, flip=False))
     assert not torch.equal(cropped, images)
     # With at most 2 px of padding, the centre 4x4 of every image survives somewhere unflipped.
     assert all(
@@ -151,10 +151,10 @@ def test_image_folder_colour_is_detected(tmp_path: Path) -> None:
     from PIL import Image
 
     for split in ("train", "test"):
-        folder = tmp_path / split / "only"
-        folder.mkdir(parents=True)
-        Image.new("RGB", (20, 20), (200, 10, 10)).save(folder / "red.png")
-        Image.new("RGB", (20, 20), (10, 10, 200)).save(folder / "blue.png")
+        for name, colour in (("red", (200, 10, 10)), ("blue", (10, 10, 200))):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            Image.new("RGB", (20, 20), colour).save(folder / f"{name}.png")
     dataset = load_dataset(DataSection(dataset="image_folder", data_dir=str(tmp_path)))
     assert dataset.image_shape == (3, 32, 32), "colour images keep 3 channels; the default size is 32 px"
     assert dataset.std[0] > 0.3
@@ -181,14 +181,20 @@ def _idx(path: Path, array: torch.Tensor) -> None:
     path.write_bytes(header + array.numpy().tobytes())
 
 
-def test_torchvision_files_are_read_resized_and_converted(tmp_path: Path) -> None:
-    raw = tmp_path / "MNIST" / "raw"
+def _mnist_files(root: Path) -> torch.Tensor:
+    """torchvision's four MNIST files under ``root/MNIST/raw``: 20 random training images, 5 test; the training images."""
+    raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     train = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8)
     _idx(raw / "train-images-idx3-ubyte", train)
     _idx(raw / "train-labels-idx1-ubyte", torch.arange(20, dtype=torch.uint8) % 10)
     _idx(raw / "t10k-images-idx3-ubyte", train[:5])
     _idx(raw / "t10k-labels-idx1-ubyte", torch.arange(5, dtype=torch.uint8))
+    return train
+
+
+def test_torchvision_files_are_read_resized_and_converted(tmp_path: Path) -> None:
+    train = _mnist_files(tmp_path)
     dataset = load_dataset(DataSection(dataset="mnist", data_dir=str(tmp_path)))
     assert dataset.image_shape == (1, 28, 28) and len(dataset.classes) == 10
     assert torch.equal(dataset.train_images[..., 0], train) and dataset.train_labels.tolist()[:11] == [*range(10), 0]
@@ -202,3 +208,16 @@ def test_torchvision_files_are_read_resized_and_converted(tmp_path: Path) -> Non
 def test_image_folder_without_train_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"data_dir: {tmp_path} is neither a folder with train/<class>/"):
         load_dataset(DataSection(dataset="image_folder", data_dir=str(tmp_path)))
+
+
+def test_torchvision_files_that_cannot_be_read_are_named(tmp_path: Path) -> None:
+    _mnist_files(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])  # truncated, as an interrupted copy leaves it
+    looked = rf"dataset mnist not found: looked in {tmp_path} \(torchvision's MNIST files in {raw} are incomplete or corrupt: "
+    with pytest.raises(DataError, match=looked + r".*; delete them\)"):
+        load_dataset(DataSection(dataset="mnist", data_dir=str(tmp_path)))
+    images.unlink()
+    with pytest.raises(DataError, match=rf"torchvision's MNIST files in {raw} are incomplete or corrupt; delete them"):
+        load_dataset(DataSection(dataset="mnist", data_dir=str(tmp_path)))

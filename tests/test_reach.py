@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from hpo.data import DATASETS, Split, train_batches
+from hpo.data import DATASETS, Normalizer, Split, train_batches
 from hpo.models import MODELS, build_model, count_parameters
 from hpo.objective import train_config
 from hpo.space import PARAMETERS, Hyperparameters, parse_space, suggest
 from hpo.spec import DataSection, ModelSection, load_spec
-from hpo.train import make_augmentation, make_loss, make_optimizer, make_schedule
+from hpo.train import Batch, make_augmentation, make_loss, make_optimizer, make_schedule, training_batches
 
 CPU = torch.device("cpu")
 
@@ -240,21 +240,66 @@ def test_augmentation_hyperparameters_reach_the_batches(tmp_path: Path) -> None:
     assert torch.equal(out, original), "[train] augment = false turns augmentation off"
 
 
+def _first_batch(table: dict, tmp_path: Path, *, augment: bool = True) -> tuple[Batch, Callable[[torch.Tensor], torch.Tensor]]:
+    """The first training batch of a trial with ``table`` (crop and flip off), and the unaugmented inputs of given images."""
+    images = torch.randint(0, 256, (16, 8, 8, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    split = Split(images=images, labels=torch.arange(16))
+    config = dataclasses.replace(_config(_hp(batch_size=16, crop_padding=0, flip=False, **table), tmp_path), augment=augment)
+    normalize = Normalizer(mean=(0.5,), std=(0.25,), device=CPU)
+    batch = next(training_batches(split, config, generator=torch.Generator().manual_seed(0), normalize=normalize, epoch=1))
+    return batch, lambda labels: normalize(images[labels])
+
+
+def test_cutout_reaches_the_batches(tmp_path: Path) -> None:
+    batch, plain = _first_batch({"cutout": 4}, tmp_path)
+    original = plain(batch.labels)
+    zeroed = (batch.inputs == 0).flatten(1).sum(1)
+    assert ((zeroed >= 2 * 2) & (zeroed <= 4 * 4)).all(), "one 4 x 4 square per image, clipped at the edges to 2 x 2 at least"
+    kept = batch.inputs != 0
+    assert torch.equal(batch.inputs[kept], original[kept]), "the rest of each image is untouched"
+    for table, augment in (({}, True), ({"cutout": 4}, False)):
+        batch, plain = _first_batch(table, tmp_path, augment=augment)
+        assert torch.equal(batch.inputs, plain(batch.labels)), "no cutout by default or with [train] augment = false"
+
+
+def test_mixup_reaches_the_batches_and_the_loss(tmp_path: Path) -> None:
+    batch, plain = _first_batch({"mixup_alpha": 0.4}, tmp_path)
+    assert batch.partner_labels is not None and 0 < batch.lam < 1
+    assert not torch.equal(batch.partner_labels, batch.labels)
+    blended = batch.lam * plain(batch.labels) + (1 - batch.lam) * plain(batch.partner_labels)
+    assert torch.allclose(batch.inputs, blended)
+    logits = torch.randn(16, 16)  # the 16 images are 16 classes here
+    criterion = make_loss(_model(_hp()), _config(_hp(), tmp_path), batch.labels, 16)
+    expected = batch.lam * criterion(logits, batch.labels) + (1 - batch.lam) * criterion(logits, batch.partner_labels)
+    assert batch.loss(criterion, logits).item() == pytest.approx(expected.item())
+    again, _ = _first_batch({"mixup_alpha": 0.4}, tmp_path)
+    assert again.lam == batch.lam, "the blend weights depend on (seed, epoch) only: a resumed fit blends the same"
+    for table, augment in (({}, True), ({"mixup_alpha": 0.4}, False)):
+        batch, plain = _first_batch(table, tmp_path, augment=augment)
+        assert batch.partner_labels is None and torch.equal(batch.inputs, plain(batch.labels))
+
+
+def test_every_declared_model_exists() -> None:
+    declared = {model for param in PARAMETERS.values() for model in param.models or ()}
+    assert declared and declared <= set(MODELS)
+
+
 def test_batch_size_reaches_the_batches(tmp_path: Path) -> None:
     config = _config(_hp(batch_size=16), tmp_path)
     split = Split(images=torch.zeros((70, 4, 4, 3), dtype=torch.uint8), labels=torch.zeros(70, dtype=torch.int64))
-    sizes = [len(y) for _, y in train_batches(split, batch_size=config.batch_size, generator=torch.Generator(), augmentation=None)]
+    sizes = [len(y) for _, y in train_batches(split, batch_size=config.hp.batch_size, generator=torch.Generator(), augmentation=None)]
     assert sizes == [16] * 4
 
 
 def test_every_hyperparameter_has_a_reach_test() -> None:
     covered = set(MODEL_CHECKS) | set(OPTIMIZER_CHECKS) | {
         "init", "schedule", "step_size", "gamma", "warmup_fraction", "l1", "label_smoothing", "class_weighting",
-        "crop_padding", "flip", "batch_size",
+        "crop_padding", "flip", "batch_size", "cutout", "mixup_alpha",
     }
     assert covered == set(PARAMETERS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", [{"schedule": "step", "step_size": 1, "gamma": 0.5}, {"schedule": "onecycle"}])
 def test_a_resumed_fit_continues_the_schedule(schedule: dict, tmp_path: Path) -> None:
     from hpo.data import SearchData
@@ -273,17 +318,28 @@ def test_a_resumed_fit_continues_the_schedule(schedule: dict, tmp_path: Path) ->
     whole = model()
     fit(whole, data, config)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(result) -> None:
-        if result.epoch == 1:
-            raise Stop
-
     interrupted, path = model(), tmp_path / "trial.pt"
-    with pytest.raises(Stop):
-        fit(interrupted, data, config, stop_after_first, checkpoint=path)
+    assert len(fit(interrupted, data, config, checkpoint=path, stop_after=1).epochs) == 1
     resumed = model()
     fit(resumed, data, config, resume=load_checkpoint(path))
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float()), "epochs 2 and 3 ran with the same learning rates as without the stop"
+
+
+@pytest.mark.slow
+def test_fit_stops_where_asked_and_skips_evaluation_when_told(tmp_path: Path) -> None:
+    from hpo.data import SearchData
+    from hpo.train import fit
+
+    generator = torch.Generator().manual_seed(0)
+    split = Split(images=torch.randint(0, 256, (32, 8, 8, 1), dtype=torch.uint8, generator=generator), labels=torch.arange(32) % 2)
+    data = SearchData(train=split, val=split, mean=(0.5,), std=(0.25,), num_classes=2, image_shape=(1, 8, 8))
+    hp = _hp(lr=0.1, batch_size=8, depth=1, base_width=4, schedule="cosine")
+    model = build_model("cnn", hp, in_channels=1, num_classes=2, image_size=8)
+    seen = []
+    result = fit(model, data, _config(hp, tmp_path, max_epochs=4), lambda r: seen.append(r.epoch), stop_after=2,
+                 evaluate_each_epoch=False)
+    assert [e.epoch for e in result.epochs] == [1, 2] and seen == [1, 2]
+    assert all(e.val_loss != e.val_loss and e.val_accuracy != e.val_accuracy for e in result.epochs), "NaN: not evaluated"
+    evaluated = fit(model, data, _config(hp, tmp_path, max_epochs=1))
+    assert 0.0 <= evaluated.epochs[0].val_accuracy <= 1.0

@@ -65,12 +65,12 @@ def test_report_of_a_tiny_study_matches_the_storage(finished_study: FinishedStud
     assert f"#{study.best_trial.number}: val_loss {study.best_value:.4f}" in page
 
 
-def test_report_of_a_running_study(finished_study: FinishedStudy, tmp_path: Path) -> None:
+def test_report_of_a_running_study(told_study: FinishedStudy, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'running.db'}"
-    optuna.copy_study(from_study_name=finished_study.name, from_storage=finished_study.url, to_storage=url)
-    running = optuna.load_study(study_name=finished_study.name, storage=url).ask()
+    optuna.copy_study(from_study_name=told_study.name, from_storage=told_study.url, to_storage=url)
+    running = optuna.load_study(study_name=told_study.name, storage=url).ask()
     running.report(2.5, 1)  # a worker is in its second epoch
-    page, rows, summary = _report(finished_study.study_file, url, tmp_path / "out")
+    page, rows, summary = _report(told_study.study_file, url, tmp_path / "out")
     _self_contained(page)
     assert rows[-1]["state"] == "RUNNING" and rows[-1]["value"] == "" and rows[-1]["epochs_reported"] == "1"
     assert summary["states"]["RUNNING"] == 1
@@ -90,10 +90,10 @@ def test_report_of_an_empty_study(tmp_path: Path, archive: Path, capsys: pytest.
 
 
 def test_default_output_folder_is_named_after_the_study(
-    finished_study: FinishedStudy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    told_study: FinishedStudy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["--study", str(finished_study.study_file), "--storage", finished_study.url, "-q"]) == 0
+    assert main(["--study", str(told_study.study_file), "--storage", told_study.url, "-q"]) == 0
     assert sorted(p.name for p in (tmp_path / "reports" / "tiny").iterdir()) == ["report.html", "summary.json", "trials.csv"]
 
 
@@ -106,10 +106,10 @@ def test_default_output_folder_is_named_after_the_study(
     ],
 )
 def test_bad_input_is_one_line(
-    finished_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+    told_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
 ) -> None:
-    argv = [a.format(tmp=tmp_path, url=finished_study.url) for a in argv]
-    assert main(["--study", str(finished_study.study_file), "--out", str(tmp_path / "out"), *argv]) == 2
+    argv = [a.format(tmp=tmp_path, url=told_study.url) for a in argv]
+    assert main(["--study", str(told_study.study_file), "--out", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hpo.report: error: ") and err.count("\n") == 1 and expected in err, err
     assert not (tmp_path / "none.db").exists(), "a report never creates a database"

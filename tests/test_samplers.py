@@ -9,7 +9,7 @@ import pytest
 
 from hpo.space import suggest
 from hpo.spec import PRUNERS, SAMPLERS, load_spec
-from hpo.study import create_pruner, create_sampler
+from hpo.study import PRUNER_CLASSES, SAMPLER_CLASSES, create_pruner, create_sampler
 
 SPACE = """
 [space]
@@ -18,18 +18,32 @@ depth = { low = 1, high = 3 }
 optimizer = { choices = ["sgd", "adamw"] }
 """
 
+# kind → (study file options, Optuna class, the keyword arguments hpo must pass it)
 SAMPLER_CASES = {
     "tpe": ("n_startup_trials = 3\nmultivariate = true\nconstant_liar = false\ngroup = true", optuna.samplers.TPESampler,
-            lambda s: s._n_startup_trials == 3 and s._multivariate and not s._constant_liar and s._group),
-    "random": ("", optuna.samplers.RandomSampler, lambda s: True),
-    "grid": ("", optuna.samplers.GridSampler, lambda s: len(s._all_grids) == 1),  # one searched value combination below
+            {"n_startup_trials": 3, "multivariate": True, "constant_liar": False, "group": True, "seed": 3}),
+    "random": ("", optuna.samplers.RandomSampler, {"seed": 3}),
+    "grid": ("", optuna.samplers.GridSampler, {"search_space": {"lr": (0.01,)}, "seed": 3}),
     "cmaes": ("n_startup_trials = 4\nsigma0 = 0.3\nwith_margin = true\npopsize = 6", optuna.samplers.CmaEsSampler,
-              lambda s: s._n_startup_trials == 4 and s._sigma0 == 0.3 and s._with_margin and s._popsize == 6),
+              {"n_startup_trials": 4, "sigma0": 0.3, "with_margin": True, "lr_adapt": False, "popsize": 6,
+               "consider_pruned_trials": False, "seed": 3}),
     "gp": ("n_startup_trials = 7\ndeterministic_objective = true", optuna.samplers.GPSampler,
-           lambda s: s._n_startup_trials == 7 and s._deterministic),
+           {"n_startup_trials": 7, "deterministic_objective": True, "seed": 3}),
     "qmc": ('qmc_type = "halton"\nscramble = true', optuna.samplers.QMCSampler,
-            lambda s: s._qmc_type == "halton" and s._scramble),
+            {"qmc_type": "halton", "scramble": True, "seed": 3}),
 }
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, classes: dict, spec_type: type) -> list[dict]:
+    """Record the keyword arguments hpo passes to the Optuna class built for ``spec_type``; still builds it."""
+    real, calls = classes[spec_type], []
+
+    def build(**kwargs: object) -> object:
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setitem(classes, spec_type, build)
+    return calls
 
 
 def _spec(tmp_path: Path, text: str):
@@ -43,11 +57,14 @@ def test_every_sampler_has_a_case() -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(SAMPLER_CASES))
-def test_sampler_and_its_arguments_reach_optuna(tmp_path: Path, kind: str) -> None:
-    options, cls, check = SAMPLER_CASES[kind]
+def test_sampler_and_its_arguments_reach_optuna(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    options, cls, expected = SAMPLER_CASES[kind]
     space = SPACE if kind != "grid" else "[space]\nlr = { choices = [0.01] }\n"
-    sampler = create_sampler(_spec(tmp_path, f'[sampler]\ntype = "{kind}"\n{options}\n{space}'), seed=3)
-    assert type(sampler) is cls and check(sampler)
+    spec = _spec(tmp_path, f'[sampler]\ntype = "{kind}"\n{options}\n{space}')
+    calls = _spy(monkeypatch, SAMPLER_CLASSES, type(spec.sampler))
+    sampler = create_sampler(spec, seed=3)
+    assert type(sampler) is cls
+    assert calls == [expected]
     # It samples the study's space (CMA-ES, GP and QMC hand categorical values to their independent sampler).
     study = optuna.create_study(sampler=sampler)
     spec = _spec(tmp_path, space)
@@ -69,17 +86,19 @@ def test_grid_search_enumerates_its_grid(tmp_path: Path) -> None:
 
 
 PRUNER_CASES = {
-    "median": ("n_startup_trials = 2\nn_warmup_steps = 1", optuna.pruners.MedianPruner, lambda p: p._n_startup_trials == 2),
+    "median": ("n_startup_trials = 2\nn_warmup_steps = 1", optuna.pruners.MedianPruner,
+               {"n_startup_trials": 2, "n_warmup_steps": 1, "interval_steps": 1}),
     "percentile": ("percentile = 40.0\nn_warmup_steps = 2", optuna.pruners.PercentilePruner,
-                   lambda p: p._percentile == 40.0 and p._n_warmup_steps == 2),
+                   {"percentile": 40.0, "n_startup_trials": 5, "n_warmup_steps": 2, "interval_steps": 1}),
     "successive_halving": ("min_resource = 2\nreduction_factor = 3", optuna.pruners.SuccessiveHalvingPruner,
-                           lambda p: p._min_resource == 2 and p._reduction_factor == 3),
-    "hyperband": ("min_resource = 2", optuna.pruners.HyperbandPruner, lambda p: p._min_resource == 2 and p._max_resource == 9),
+                           {"min_resource": 2, "reduction_factor": 3, "min_early_stopping_rate": 0}),
+    "hyperband": ("min_resource = 2", optuna.pruners.HyperbandPruner,
+                  {"min_resource": 2, "max_resource": 9, "reduction_factor": 3}),
     "patient": ("patience = 2\nmin_delta = 0.01", optuna.pruners.PatientPruner,
-                lambda p: p._patience == 2 and p._min_delta == 0.01 and p._wrapped_pruner is None),
+                {"patience": 2, "min_delta": 0.01, "wrapped_pruner": None}),
     "threshold": ("upper = 3.0\nn_warmup_steps = 1", optuna.pruners.ThresholdPruner,
-                  lambda p: p._upper == 3.0 and p._lower == float("-inf") and p._n_warmup_steps == 1),
-    "none": ("", optuna.pruners.NopPruner, lambda p: True),
+                  {"lower": None, "upper": 3.0, "n_warmup_steps": 1, "interval_steps": 1}),
+    "none": ("", optuna.pruners.NopPruner, {}),
 }
 
 
@@ -88,21 +107,31 @@ def test_every_pruner_has_a_case() -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(PRUNER_CASES))
-def test_pruner_and_its_arguments_reach_optuna(tmp_path: Path, kind: str) -> None:
-    options, cls, check = PRUNER_CASES[kind]
-    pruner = create_pruner(_spec(tmp_path, f'[train]\nmax_epochs = 9\n[pruner]\ntype = "{kind}"\n{options}\n'))
-    assert type(pruner) is cls and check(pruner)
+def test_pruner_and_its_arguments_reach_optuna(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    options, cls, expected = PRUNER_CASES[kind]
+    spec = _spec(tmp_path, f'[train]\nmax_epochs = 9\n[pruner]\ntype = "{kind}"\n{options}\n')
+    calls = _spy(monkeypatch, PRUNER_CLASSES, type(spec.pruner))
+    assert type(create_pruner(spec)) is cls
+    assert calls == [expected]
 
 
-def test_threshold_and_patient_pruners_prune() -> None:
-    for pruner, values in (
-        (optuna.pruners.ThresholdPruner(upper=3.0), [2.0, 5.0]),  # a diverging loss
-        (optuna.pruners.PatientPruner(None, patience=1), [1.0, 2.0, 2.0]),  # worse than the best for 2 epochs
-    ):
-        study = optuna.create_study(pruner=pruner)
-        trial = study.ask()
-        pruned = []
-        for epoch, value in enumerate(values, start=1):
-            trial.report(value, epoch)
-            pruned.append(trial.should_prune())
-        assert pruned[-1] and not pruned[0]
+def test_successive_halving_lets_optuna_estimate_min_resource(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _spec(tmp_path, '[pruner]\ntype = "successive_halving"\n')
+    calls = _spy(monkeypatch, PRUNER_CLASSES, type(spec.pruner))
+    create_pruner(spec)
+    assert calls[0]["min_resource"] == "auto"
+
+
+@pytest.mark.parametrize(("kind", "options", "values"), [
+    ("threshold", "upper = 3.0", [2.0, 5.0]),  # a diverging loss
+    ("patient", "patience = 1", [1.0, 2.0, 2.0]),  # worse than the best for 2 epochs
+])
+def test_threshold_and_patient_pruners_from_a_study_file_prune(tmp_path: Path, kind: str, options: str, values: list) -> None:
+    """Their public behaviour: no other trial is needed, so the first trial is pruned at the last value only."""
+    study = optuna.create_study(pruner=create_pruner(_spec(tmp_path, f'[pruner]\ntype = "{kind}"\n{options}\n')))
+    trial = study.ask()
+    pruned = []
+    for epoch, value in enumerate(values, start=1):
+        trial.report(value, epoch)
+        pruned.append(trial.should_prune())
+    assert pruned == [False] * (len(values) - 1) + [True]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 
-from hpo.space import Hyperparameters, from_params, parse_space, suggest
+from hpo.space import Hyperparameters, from_params, parse_space, readme_table, suggest
 
 
 def _sample(space_table: dict, n: int = 30) -> list[tuple[Hyperparameters, dict]]:
@@ -67,3 +69,13 @@ def test_stored_params_rebuild_the_same_hyperparameters() -> None:
 def test_incomplete_or_fractional_ranges_are_rejected(bad: dict) -> None:
     with pytest.raises(ValueError):
         parse_space(bad)
+
+
+def test_the_readme_table_is_the_declaration() -> None:
+    """The README's hyperparameter table is hpo.space.readme_table() verbatim: regenerate it after a change."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    header = readme_table().splitlines()[0]
+    assert header in readme
+    start = readme.index(header)
+    end = readme.index("\n\n", start)
+    assert readme[start:end + 1] == readme_table()

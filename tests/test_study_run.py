@@ -88,11 +88,19 @@ def test_the_optuna_command_line_reads_the_study(tmp_path: Path, archive: Path) 
     assert len(rows) == 2 and all(row["state"] == "COMPLETE" for row in rows)
 
 
-@pytest.mark.parametrize("variable", ["HPO_TEST_POSTGRES_URL", "HPO_TEST_MYSQL_URL"])
-def test_study_on_a_real_database_server(tmp_path: Path, archive: Path, variable: str) -> None:
+@pytest.mark.parametrize(
+    ("variable", "driver"),
+    [("HPO_TEST_POSTGRES_URL", None), ("HPO_TEST_POSTGRES_URL", "postgresql+psycopg"), ("HPO_TEST_MYSQL_URL", None)],
+    ids=["postgresql", "postgresql-psycopg3", "mysql"],
+)
+def test_study_on_a_real_database_server(tmp_path: Path, archive: Path, variable: str, driver: str | None) -> None:
+    from sqlalchemy.engine import make_url
+
     url = os.environ.get(variable)
     if not url:
         pytest.skip(f"{variable} is not set (.ci/run sets it)")
+    if driver is not None:  # the same server through another driver: psycopg 3 is installed with the test extra
+        url = make_url(url).set(drivername=driver).render_as_string(hide_password=False)
     name = f"tiny-{uuid.uuid4().hex[:8]}"
     study_file = write_study(tmp_path, archive=archive, name=name, max_epochs=1)
     try:

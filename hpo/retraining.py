@@ -1,0 +1,244 @@
+"""Retraining a trial's configuration: on training + validation data, tested once and saved; or replayed.
+
+:func:`retrain` is the Python entry point; ``python -m hpo.best`` is a shell over it.  A trial is
+retrained for as many epochs as it ran, with its stored seed, its learning-rate schedule spanning
+the epochs it had planned; the test set is evaluated once, after training.  The result is a
+:class:`SavedModel`: weights, configuration and test figures, which ``torch.load(path,
+weights_only=True)`` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hpo.errors import DataError, UsageError
+from hpo.spec import Overrides, StudySpec, spec_for_study
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+    from torch import nn
+
+    from hpo.data import Dataset, SearchData
+    from hpo.space import Hyperparameters
+    from hpo.train import EpochResult, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """Everything needed to rebuild, trust and use the retrained model, in plain types and tensors."""
+
+    state_dict: Mapping[str, torch.Tensor]  # on the CPU
+    hyperparameters: Hyperparameters
+    model: str  # name in the model registry (hpo/models.py)
+    study: str
+    trial: int  # the trial whose configuration this is
+    epochs: int
+    seed: int
+    test_accuracy: float  # fraction in [0, 1], on the whole test set
+    test_loss: float  # mean cross-entropy on the test set
+    train_images: int  # images trained on (training + validation parts)
+    dataset: str
+    classes: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # (channels, height, width)
+    # Per-channel normalization in [0, 1] units: x = (pixel / 255 - mean) / std.
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        """Only tensors, dicts, lists, str, int and float: what ``weights_only=True`` loads."""
+        blob = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        blob["state_dict"] = dict(self.state_dict)
+        blob["hyperparameters"] = dataclasses.asdict(self.hyperparameters)
+        for key in ("classes", "image_shape", "mean", "std"):
+            blob[key] = list(blob[key])  # type: ignore[call-overload]
+        return blob
+
+    @classmethod
+    def from_dict(cls, blob: Mapping[str, object]) -> SavedModel:
+        from hpo.space import Hyperparameters
+
+        values = dict(blob)
+        values["hyperparameters"] = Hyperparameters(**values["hyperparameters"])  # type: ignore[arg-type]
+        for key in ("classes", "image_shape", "mean", "std"):
+            values[key] = tuple(values[key])  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+
+    def build(self) -> nn.Module:
+        """The trained model, on the CPU, in eval mode."""
+        from hpo.models import build_model
+
+        channels, height, _ = self.image_shape
+        model = build_model(
+            self.model, self.hyperparameters, in_channels=channels, num_classes=len(self.classes), image_size=height
+        )
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def save_model(saved: SavedModel, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(saved.to_dict(), path)
+
+
+def load_model(path: Path) -> SavedModel:
+    """Read a checkpoint written by hpo.best; no pickled code runs (``weights_only=True``)."""
+    import torch
+
+    return SavedModel.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def model_path(out: Path, saved: SavedModel) -> Path:
+    """Where ``python -m hpo.best --out OUT`` saves a retrained model."""
+    return out / f"{saved.study}-trial{saved.trial}.pt"
+
+
+def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+    """The trial to retrain: number ``number``, else the best; it must have finished with a stored seed."""
+    from optuna.trial import TrialState
+
+    from hpo.study import FINISHED_STATES
+
+    trials = study.get_trials(deepcopy=False)
+    if number is None:
+        if not any(t.state == TrialState.COMPLETE for t in trials):
+            raise UsageError(f"--study: study {study.study_name!r} has no completed trial yet; give --trial N or run more trials")
+        trial = study.best_trial
+    else:
+        found = [t for t in trials if t.number == number]
+        if not found:
+            raise UsageError(f"--trial: study {study.study_name!r} has no trial {number} (it has {len(trials)} trials, numbered from 0)")
+        trial = found[0]
+    if trial.state not in FINISHED_STATES:
+        raise UsageError(f"--trial: trial {trial.number} is {trial.state.name}; only complete or pruned trials can be retrained")
+    if not isinstance(trial.user_attrs.get("seed"), int) or not trial.intermediate_values:
+        raise UsageError(f"--trial: trial {trial.number} has no stored seed or epochs (not a trial of hpo.run)")
+    return trial
+
+
+def trial_epochs(trial: optuna.trial.FrozenTrial) -> int:
+    """Epochs the trial trained: its ``epochs`` user attr, else the epochs it reported."""
+    epochs = trial.user_attrs.get("epochs")
+    return epochs if isinstance(epochs, int) else max(trial.intermediate_values)
+
+
+def train_like(
+    trial: optuna.trial.FrozenTrial, spec: StudySpec, model: nn.Module, data: SearchData, config: TrainConfig,
+    *, evaluate_each_epoch: bool = True,
+) -> list[EpochResult]:
+    """Train for the trial's epochs, with the schedule over as many epochs as the trial had planned.
+
+    A complete trial ran all its epochs; a pruned one had planned the study file's ``max_epochs``.
+    """
+    from hpo.train import fit
+
+    epochs = trial_epochs(trial)
+    planned = epochs if trial.state.name == "COMPLETE" else max(epochs, spec.train.max_epochs)
+
+    def on_epoch_end(result: EpochResult) -> None:
+        logger.debug("epoch %d: train_loss %.4f (%.1f s)", result.epoch, result.train_loss, result.seconds)
+
+    result = fit(
+        model, data, dataclasses.replace(config, max_epochs=planned), on_epoch_end,
+        stop_after=epochs, evaluate_each_epoch=evaluate_each_epoch,
+    )
+    return list(result.epochs)
+
+
+def retrain(
+    study: optuna.Study,
+    trial: int | None = None,
+    *,
+    study_file: str | Path | None = None,
+    device: str | None = None,
+    data_dir: str | None = None,
+) -> SavedModel:
+    """Retrain trial number ``trial`` of ``study`` (default: the best) on training + validation data; test it once.
+
+    ``study_file`` defaults to the study file named like the study (``cifar`` for study ``cifar``);
+    ``device`` and ``data_dir`` replace the study file's.  Save the result with :func:`save_model`.
+    """
+    from hpo.data import load_dataset
+    from hpo.device import resolve_device
+    from hpo.space import from_params
+
+    spec = Overrides(device=device, data_dir=data_dir).apply(spec_for_study(study.study_name, study_file))
+    picked = pick_trial(study, trial)
+    resolved = resolve_device(spec.train.device, "--device" if device else f"{spec.path}: [train] device")
+    dataset = load_dataset(spec.data)
+    check_test_images(dataset)
+    return retrain_trial(spec, picked, from_params(picked.params, spec.space), dataset, resolved)
+
+
+def check_test_images(dataset: Dataset) -> None:
+    if len(dataset.test_labels) == 0:
+        raise DataError(f"data_dir: no test images in {dataset.source} (test/<class>/): the retrained model is tested on them")
+
+
+def retrain_trial(
+    spec: StudySpec, trial: optuna.trial.FrozenTrial, hp: Hyperparameters, dataset: Dataset, device: torch.device
+) -> SavedModel:
+    """Train ``hp`` on training + validation data for the trial's epochs and seed; test once."""
+    from hpo.data import Normalizer, retraining_data
+    from hpo.objective import seeded_model, train_config
+    from hpo.train import evaluate
+
+    data = retraining_data(dataset, spec.data).to(device)
+    seed = trial.user_attrs["seed"]
+    epochs = trial_epochs(trial)
+    model = seeded_model(spec, hp, data, seed)
+    logger.info("retraining trial %d on %d images for %d epochs on %s", trial.number, len(data.train), epochs, device)
+    # data.val is the test set here: it is looked at once, after training, not after every epoch.
+    train_like(trial, spec, model, data, train_config(spec, hp, seed=seed, device=device), evaluate_each_epoch=False)
+    test_loss, test_accuracy = evaluate(model, data.val, Normalizer(mean=data.mean, std=data.std, device=device), device)
+    return SavedModel(
+        state_dict={name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+        hyperparameters=hp,
+        model=spec.model.name,
+        study=spec.study.name,
+        trial=trial.number,
+        epochs=epochs,
+        seed=seed,
+        test_accuracy=test_accuracy,
+        test_loss=test_loss,
+        train_images=len(data.train),
+        dataset=dataset.name,
+        classes=dataset.classes,
+        image_shape=data.image_shape,
+        mean=data.mean,
+        std=data.std,
+    )
+
+
+@dataclass(frozen=True)
+class ReplayedEpoch:
+    epoch: int
+    stored: float | None  # the metric the trial reported for this epoch; None if it reported none
+    replayed: float
+
+
+def replay_trial(
+    spec: StudySpec, trial: optuna.trial.FrozenTrial, hp: Hyperparameters, dataset: Dataset, device: torch.device
+) -> list[ReplayedEpoch]:
+    """Retrain as the search did (training part, same validation split, seed and epochs); the metric per epoch."""
+    from hpo.data import carve_validation
+    from hpo.objective import score, seeded_model, train_config
+
+    data = carve_validation(dataset, spec.data).to(device)
+    seed = trial.user_attrs["seed"]
+    config = train_config(spec, hp, seed=seed, device=device)
+    results = train_like(trial, spec, seeded_model(spec, hp, data, seed), data, config)
+    return [
+        ReplayedEpoch(epoch=r.epoch, stored=trial.intermediate_values.get(r.epoch), replayed=score(r, spec.study.metric))
+        for r in results
+    ]

@@ -1,0 +1,104 @@
+"""The Kubernetes manifests, validated offline against the Kubernetes API schemas and checked against the code
+(no cluster runs on these machines)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from sqlalchemy.engine import make_url
+
+from hpo.run import build_parser
+from hpo.spec import find_study
+
+K8S = Path(__file__).resolve().parent.parent / "docker" / "k8s"
+# The oldest Kubernetes the manifests are meant for (Indexed Jobs with podFailurePolicy), and the newest known here.
+VERSIONS = ("1.29", kubernetes_validate.latest_version())
+
+
+def _resources() -> list[dict]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return [doc for name in kustomization["resources"] for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
+
+
+def _one(kind: str, name: str) -> dict:
+    (found,) = [r for r in _resources() if r["kind"] == kind and r["metadata"]["name"] == name]
+    return found
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in args and env values."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], text)
+
+
+def test_every_manifest_is_listed_and_valid_against_the_api_schemas() -> None:
+    listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    for resource in _resources():
+        for version in VERSIONS:
+            kubernetes_validate.validate(resource, version, strict=True)
+
+
+def test_an_invalid_manifest_is_refused() -> None:
+    job = _one("Job", "hpo-workers")
+    job["spec"]["completionMod"] = job["spec"].pop("completionMode")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, VERSIONS[0], strict=True)
+
+
+def test_workers_are_an_indexed_job_of_gpu_pods_running_hpo_against_postgres() -> None:
+    job = _one("Job", "hpo-workers")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] >= 2
+    pod = spec["template"]["spec"]
+    (worker,) = pod["containers"]
+    assert worker["image"] == "hpo-worker"
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e for e in worker["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "hpo-postgres"
+    assert "batch.kubernetes.io/job-completion-index" in env["WORKER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    values = {"POSTGRES_PASSWORD": "x", "WORKER_INDEX": "3"}
+    url = make_url(_expand(env["HPO_STORAGE"]["value"], values))
+    assert url.get_backend_name() == "postgresql" and url.host == "postgres" and url.password == "x"
+    assert not any("postgres" in arg for arg in worker["args"]), "the storage URL stays out of the command line"
+    args = build_parser().parse_args([_expand(a, values) for a in worker["args"]])  # every flag exists and parses
+    find_study(args.study)
+    assert args.worker_index == 3 and args.device == "cuda"
+    mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+    volumes = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    assert volumes[mounts[args.checkpoint_dir]] == "hpo-checkpoints" and volumes[mounts[args.data_dir]] == "hpo-data"
+    for claim in ("hpo-checkpoints", "hpo-data"):
+        assert _one("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"], (
+            "every worker pod, on any node, reads the checkpoints a dead worker left"
+        )
+    assert pod["terminationGracePeriodSeconds"] >= 30, "time to fail and re-queue the running trial after SIGTERM"
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]}} in rules
+
+
+def test_postgres_keeps_its_data_on_a_volume_and_its_password_in_the_secret() -> None:
+    deployment = _one("Deployment", "postgres")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"].startswith("postgres:")
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "hpo-postgres", "key": "password"}
+    assert "password" in _one("Secret", "hpo-postgres")["stringData"]
+    (volume,) = deployment["spec"]["template"]["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == "hpo-pgdata"
+    assert _one("Service", "postgres")["spec"]["ports"][0]["port"] == 5432
+
+
+def test_dashboard_is_a_cluster_internal_service_on_the_study_database() -> None:
+    service = _one("Service", "hpo-dashboard")
+    assert service["spec"]["type"] == "ClusterIP", "reached with kubectl port-forward, not exposed"
+    (container,) = _one("Deployment", "hpo-dashboard")["spec"]["template"]["spec"]["containers"]
+    assert container["command"][0] == "optuna-dashboard"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    url = make_url(_expand(_expand(container["command"][-1], env), {"POSTGRES_PASSWORD": "x"}))
+    assert url.host == "postgres" and url.database == "hpo"
+    selector = service["spec"]["selector"]
+    labels = _one("Deployment", "hpo-dashboard")["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
