@@ -5,6 +5,10 @@ many epochs as the trial ran and with the trial's stored seed, then evaluated on
 test set; weights, configuration and test figures are saved in one checkpoint that
 ``torch.load(path, weights_only=True)`` reads.  ``--trial N`` does the same for any trial.
 
+``--top K --seeds S`` first re-evaluates the K best complete trials with S extra seeds each, on
+the search's training/validation split, stores the results in the study's user attributes, and
+retrains the trial with the best mean instead of the single luckiest run.
+
 ``--replay`` retrains a trial exactly as the search did (training part only, same validation
 split, same seed, same epochs) and prints its recomputed per-epoch values next to the stored ones.
 The work is :mod:`hpo.retraining`'s; this module parses flags and prints.
@@ -17,11 +21,18 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hpo.cli import Parser, add_study_flags, configure_logging, guarded, non_negative_int, writable_folder
+from hpo.cli import Parser, add_study_flags, configure_logging, guarded, non_negative_int, positive_int, writable_folder
 from hpo.cli import device as device_flag
 from hpo.retraining import load_model, save_model  # noqa: F401 (load_model: documented here before hpo.retraining)
 from hpo.spec import Overrides, StudySpec, find_study, load_spec
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+
+    from hpo.data import Dataset
 
 logger = logging.getLogger("hpo.best")  # not __name__: that is "__main__" under python -m
 
@@ -39,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--replay", action="store_true",
         help="retrain exactly as the trial did (training part, same seed) and compare with its stored values; saves nothing",
+    )
+    parser.add_argument(
+        "--top", type=positive_int, default=1, metavar="K",
+        help="re-evaluate the K best complete trials and retrain the best by mean validation value (default: 1, needs --seeds)",
+    )
+    parser.add_argument(
+        "--seeds", type=non_negative_int, default=0, metavar="S",
+        help="extra seeds per re-evaluated trial, on the training/validation split (default: 0, no re-evaluation)",
     )
     parser.add_argument("--device", type=device_flag, help="auto, cpu, cuda, cuda:N or mps (overrides [train] device)")
     parser.add_argument("--data-dir", help="dataset folder or .tar.gz archive (overrides [data] data_dir)")
@@ -63,10 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _best(spec: StudySpec, args: argparse.Namespace) -> int:
     from hpo.data import load_dataset
     from hpo.device import resolve_device
-    from hpo.retraining import check_test_images, model_path, pick_trial, replay_trial, retrain_trial
+    from hpo.retraining import check_reevaluation, check_test_images, model_path, pick_trial, replay_trial, retrain_trial
     from hpo.space import from_params
     from hpo.study import load_existing_study, resolve_storage
 
+    check_reevaluation(top=args.top, seeds=args.seeds, trial=args.trial, replay=args.replay)
     url, source = resolve_storage(args.storage)
     study = load_existing_study(url, source, spec.study.name, flag="--study-name" if args.study_name else "--study")
     trial = pick_trial(study, args.trial)
@@ -90,6 +110,9 @@ def _best(spec: StudySpec, args: argparse.Namespace) -> int:
         return 0
     check_test_images(dataset)
     writable_folder(Path(args.out), "--out")  # before training, not after
+    if args.seeds > 0:
+        trial = _reevaluated_choice(study, spec, dataset, device, top=args.top, seeds=args.seeds)
+        hp = from_params(trial.params, spec.space)
     saved = retrain_trial(spec, trial, hp, dataset, device)
     path = model_path(Path(args.out), saved)
     save_model(saved, path)
@@ -103,6 +126,35 @@ def _best(spec: StudySpec, args: argparse.Namespace) -> int:
         print(f"(The trial itself, trained on the training part only: {accuracy:.2%} validation accuracy.)")
     print(f"Checkpoint: {path}")
     return 0
+
+
+def _reevaluated_choice(
+    study: optuna.Study, spec: StudySpec, dataset: Dataset, device: torch.device, *, top: int, seeds: int
+) -> optuna.trial.FrozenTrial:
+    """Re-evaluate the top trials, print the comparison, and return the trial with the best mean."""
+    from hpo.retraining import REEVALUATION_KEY, chosen_trial, reevaluate
+
+    results = reevaluate(study, spec, dataset, device, top=top, seeds=seeds)
+    metric = spec.study.metric
+    short = f" (only {len(results)} completed)" if len(results) < top else ""
+    print(
+        f"Re-evaluated the top {top} trials{short} with {seeds} extra seeds each on the training/validation split "
+        f"({metric}, mean ± sd over {seeds + 1} seeds, the trial's own run included):"
+    )
+    print(f"    trial  own run   {'mean ± sd':<19} val accuracy")
+    stored_best = study.best_trial.number
+    for index, result in enumerate(results):
+        mark = "*" if index == 0 else " "
+        print(
+            f"  {mark} {result.trial:5d}  {result.values[0]:.4f}    {result.mean:.4f} ± {result.sd:<8.4f} {result.val_accuracy:.2%}"
+        )
+    chosen = chosen_trial(study, results)
+    also = "also the best single run" if chosen.number == stored_best else f"the best single run was trial {stored_best}"
+    print(
+        f"Chosen: trial {chosen.number} ({also}); stored in study {study.study_name!r} as user attributes "
+        f"{REEVALUATION_KEY.format(number='N')}"
+    )
+    return chosen
 
 
 if __name__ == "__main__":

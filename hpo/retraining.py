@@ -159,25 +159,139 @@ def retrain(
     study: optuna.Study,
     trial: int | None = None,
     *,
+    top: int = 1,
+    seeds: int = 0,
     study_file: str | Path | None = None,
     device: str | None = None,
     data_dir: str | None = None,
 ) -> SavedModel:
     """Retrain trial number ``trial`` of ``study`` (default: the best) on training + validation data; test it once.
 
-    ``study_file`` defaults to the study file named like the study (``cifar`` for study ``cifar``);
-    ``device`` and ``data_dir`` replace the study file's.  Save the result with :func:`save_model`.
+    ``top=K, seeds=S``: first re-evaluate the K best complete trials with S extra seeds each on the
+    search's training/validation split (:func:`reevaluate`, stored in the study's user attrs) and
+    retrain the one with the best mean instead.  ``study_file`` defaults to the study file named
+    like the study (``cifar`` for study ``cifar``); ``device`` and ``data_dir`` replace the study
+    file's.  Save the result with :func:`save_model`.
     """
     from hpo.data import load_dataset
     from hpo.device import resolve_device
     from hpo.space import from_params
 
+    check_reevaluation(top=top, seeds=seeds, trial=trial)
     spec = Overrides(device=device, data_dir=data_dir).apply(spec_for_study(study.study_name, study_file))
     picked = pick_trial(study, trial)
     resolved = resolve_device(spec.train.device, "--device" if device else f"{spec.path}: [train] device")
     dataset = load_dataset(spec.data)
     check_test_images(dataset)
+    if seeds > 0:
+        picked = chosen_trial(study, reevaluate(study, spec, dataset, resolved, top=top, seeds=seeds))
     return retrain_trial(spec, picked, from_params(picked.params, spec.space), dataset, resolved)
+
+
+def check_reevaluation(*, top: int, seeds: int, trial: int | None, replay: bool = False) -> None:
+    """``--top`` and ``--seeds`` make sense together, and not with a trial named by hand."""
+    if top < 1:
+        raise UsageError(f"argument --top: must be a positive integer, got {top!r}")
+    if seeds < 0:
+        raise UsageError(f"argument --seeds: must be an integer >= 0, got {seeds!r}")
+    if top > 1 and seeds == 0:
+        raise UsageError(f"argument --top: comparing the top {top} trials needs extra seeds (--seeds S, S >= 1)")
+    if seeds > 0 and (trial is not None or replay):
+        raise UsageError(f"argument --seeds: not allowed with {'--replay' if replay else '--trial'} (it chooses the trial itself)")
+
+
+# The study user attr that holds a trial's re-evaluations (shown by optuna-dashboard under the study's user attributes).
+REEVALUATION_KEY = "reevaluated:trial{number}"
+
+
+@dataclass(frozen=True)
+class Reevaluation:
+    """A trial's configuration trained with several seeds on the search's training/validation split."""
+
+    trial: int
+    seeds: tuple[int, ...]  # the trial's own seed first, then the extra ones
+    values: tuple[float, ...]  # the study's metric per seed, best over the epochs (as a trial's value is)
+    val_accuracies: tuple[float, ...]  # fractions, at those best epochs
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values)
+
+    @property
+    def sd(self) -> float:
+        """Sample standard deviation over the seeds (0 for one seed)."""
+        if len(self.values) < 2:
+            return 0.0
+        return (sum((v - self.mean) ** 2 for v in self.values) / (len(self.values) - 1)) ** 0.5
+
+    @property
+    def val_accuracy(self) -> float:
+        return sum(self.val_accuracies) / len(self.val_accuracies)
+
+
+def extra_seeds(seed: int, count: int) -> tuple[int, ...]:
+    """The seeds a trial is re-evaluated with: derived from its own, so asking again finds the stored results."""
+    return tuple((seed + 104_729 * i) % 2**31 for i in range(1, count + 1))  # 104,729: a prime, far from 1
+
+
+def top_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``top`` best complete trials by the study's objective (fewer if fewer completed)."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+    return sorted(complete, key=lambda t: sign * float(t.value))[:top]  # type: ignore[arg-type]
+
+
+def reevaluate(
+    study: optuna.Study, spec: StudySpec, dataset: Dataset, device: torch.device, *, top: int, seeds: int
+) -> list[Reevaluation]:
+    """Train each of the ``top`` best complete trials with ``seeds`` extra seeds, exactly as the search did
+    (training part, validation split, epochs, schedule); best first by the mean over all its seeds.
+
+    Each trial's results are stored as the study user attr ``reevaluated:trial<N>`` once it is done,
+    and results already stored for a seed are read back instead of trained again.  The test set is
+    not touched.
+    """
+    from hpo.data import carve_validation
+    from hpo.objective import score, seeded_model, train_config
+    from hpo.space import from_params
+
+    metric = spec.study.metric
+    sign = 1.0 if metric == "val_loss" else -1.0  # lower sign * score is better
+    data = carve_validation(dataset, spec.data).to(device)
+    results = []
+    for trial in top_trials(study, top):
+        key = REEVALUATION_KEY.format(number=trial.number)
+        stored = study.user_attrs.get(key, {})
+        known = dict(zip(stored.get("seeds", ()), zip(stored.get("values", ()), stored.get("val_accuracies", ()))))
+        own = trial.user_attrs["seed"]
+        known[own] = (float(trial.value), float(trial.user_attrs.get("val_accuracy", float("nan"))))  # type: ignore[arg-type]
+        wanted = (own, *extra_seeds(own, seeds))
+        hp = from_params(trial.params, spec.space)
+        for seed in wanted:
+            if seed in known:
+                continue
+            logger.info("re-evaluating trial %d with seed %d", trial.number, seed)
+            epochs = train_like(trial, spec, seeded_model(spec, hp, data, seed), data, train_config(spec, hp, seed=seed, device=device))
+            best = min(epochs, key=lambda e: sign * score(e, metric))
+            known[seed] = (score(best, metric), best.val_accuracy)
+        result = Reevaluation(
+            trial=trial.number, seeds=wanted,
+            values=tuple(known[s][0] for s in wanted), val_accuracies=tuple(known[s][1] for s in wanted),
+        )
+        study.set_user_attr(key, {
+            "seeds": list(result.seeds), "values": list(result.values), "val_accuracies": list(result.val_accuracies),
+            "metric": metric, "mean": result.mean, "sd": result.sd,
+        })
+        results.append(result)
+    return sorted(results, key=lambda r: sign * r.mean)
+
+
+def chosen_trial(study: optuna.Study, results: list[Reevaluation]) -> optuna.trial.FrozenTrial:
+    """The trial with the best mean over its seeds (``results`` come best first from :func:`reevaluate`)."""
+    return pick_trial(study, results[0].trial)
 
 
 def check_test_images(dataset: Dataset) -> None:

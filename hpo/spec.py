@@ -394,6 +394,7 @@ def _typed_section(registry: Mapping[str, type], table: Mapping[str, Any], where
     return _build(registry[kind], options, f"{where} (type {kind!r})")
 
 
+DEFAULT_PRUNER = "successive_halving"
 _SECTIONS = ("study", "data", "train", "model", "sampler", "pruner", "space")
 
 
@@ -413,7 +414,8 @@ def load_spec(path: Path) -> StudySpec:
     study_table = dict(raw.get("study", {}))
     study_table.setdefault("name", path.stem)
     train = _build(TrainSection, raw.get("train", {}), f"{path}: [train]")
-    pruner = _typed_section(PRUNERS, {"type": "median", **raw.get("pruner", {})}, f"{path}: [pruner]")
+    # Without a [pruner] table: successive halving, the winner of bench/search.py (README, "Choosing sampler and pruner").
+    pruner = _typed_section(PRUNERS, {"type": DEFAULT_PRUNER, **raw.get("pruner", {})}, f"{path}: [pruner]")
     if isinstance(pruner, HyperbandPrunerSpec) and pruner.max_resource is None:
         pruner = dataclasses.replace(pruner, max_resource=train.max_epochs)
     try:

@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 import hpo
-from conftest import write_study
+from conftest import FinishedStudy, write_study
 from hpo.errors import HpoError
 
 
@@ -90,6 +90,16 @@ def test_search_retrain_and_report_from_python(tmp_path: Path, archive: Path) ->
 
     files = hpo.write_report(study, out=tmp_path / "report", study_file=study_file)
     assert json.loads(files.summary.read_text(encoding="utf-8"))["trials"] == 2
+
+    robust = hpo.retrain(study, study_file=study_file, top=2, seeds=1)
+    stored = {t.number: study.user_attrs[f"reevaluated:trial{t.number}"]["mean"] for t in study.trials}
+    assert robust.trial == min(stored, key=lambda number: stored[number]), "the best mean over 2 seeds is retrained"
+
+
+def test_retrain_refuses_top_without_seeds(told_study: FinishedStudy) -> None:
+    study = optuna.load_study(study_name="tiny", storage=told_study.url)
+    with pytest.raises(HpoError, match=r"^argument --top: comparing the top 2 trials needs extra seeds \(--seeds S, S >= 1\)$"):
+        hpo.retrain(study, top=2, study_file=told_study.study_file)
 
 
 @pytest.mark.slow

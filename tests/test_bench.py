@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
+import optuna
 import pytest
+from optuna.trial import TrialState
+
+from conftest import write_study
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +77,72 @@ def test_storage_growth_mode_times_trials_on_a_filled_study() -> None:
     rows = _rows(out, "sqlite")
     assert [row[1] for row in rows] == ["0", "30"], out
     assert all(float(row[2]) > 0 for row in rows), "storage time per trial is measured"
+
+
+SEARCH = SCRIPT.parent / "search.py"
+
+
+def _load_search_bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/search.py imported in this process, so that the test can record what it evaluates."""
+    spec = importlib.util.spec_from_file_location("bench_search", SEARCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_search_bench_compares_configurations_and_tests_only_the_chosen_trial_once_per_run(
+    tmp_path: Path, archive: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """2 configurations x 2 seeds of a tiny study: every evaluation is recorded; per run the test set is evaluated
+    exactly once, after the run's last validation evaluation, on the trial that is best by the stored validation value."""
+    import hpo.train
+    from hpo.data import load_dataset
+    from hpo.spec import load_spec
+
+    study_file = write_study(tmp_path, archive=archive, name="benchy", max_epochs=2)
+    test_images = len(load_dataset(load_spec(study_file).data).test_labels)
+    evaluated: list[str] = []
+    real_evaluate = hpo.train.evaluate
+
+    def recording_evaluate(model, split, *args, **kwargs):  # type: ignore[no-untyped-def]
+        evaluated.append("test" if len(split) == test_images else "val")
+        return real_evaluate(model, split, *args, **kwargs)
+
+    monkeypatch.setattr(hpo.train, "evaluate", recording_evaluate)
+    out = tmp_path / "out"
+    bench = _load_search_bench(monkeypatch)
+    assert bench.main([
+        "--study", str(study_file), "--data", str(archive), "--configs", "random:none", "random:median:1",
+        "--seeds", "0", "1", "--budget", "3", "--target", "0.05", "--out", str(out),
+    ]) == 0
+    printed = capsys.readouterr().out
+
+    # One test evaluation per run, each after all of that run's validation evaluations (the search is over).
+    segments = "".join("t" if e == "test" else "v" for e in evaluated).split("t")
+    assert len(segments) == 5 and segments[-1] == "", evaluated
+    assert all(segment and set(segment) == {"v"} for segment in segments[:-1]), evaluated
+
+    with (out / "runs.csv").open() as handle:
+        runs = list(csv.DictReader(handle))
+    assert [(r["config"], r["seed"]) for r in runs] == [
+        ("random:none", "0"), ("random:median:1", "0"), ("random:none", "1"), ("random:median:1", "1")
+    ]
+    storage = f"sqlite:///{out / 'bench.db'}"
+    for run in runs:
+        study = optuna.load_study(study_name=f"{run['config']}/seed{run['seed']}", storage=storage)
+        started = min(t.datetime_start for t in study.trials).timestamp()
+        within = [
+            t for t in study.trials
+            if t.state == TrialState.COMPLETE and t.datetime_complete.timestamp() - started <= 3
+        ]
+        assert int(run["chosen_trial"]) == min(within, key=lambda t: t.value).number, "chosen on validation only"
+        assert 0 < float(run["test_accuracy"]) < 1
+        assert int(run["epochs_trained"]) <= 2 * int(run["trials_finished"])
+    with (out / "summary.csv").open() as handle:
+        assert [row["config"] for row in csv.DictReader(handle)] == ["random:none", "random:median:1"]
+    figure = (out / "best-so-far.html").read_text()
+    assert "random:none" in figure and "random:median:1" in figure
+    table = printed.split("configuration", 1)[1]
+    assert "random:none" in table and "random:median:1" in table and "±" in table, printed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 
 import optuna
@@ -85,6 +86,10 @@ def test_replay_recomputes_the_stored_values(finished_study: FinishedStudy, caps
         (["--trial", "99"], "--trial: study 'tiny' has no trial 99"),
         (["--trial", "-1"], "argument --trial: must be an integer >= 0, got '-1'"),
         (["--device", "tpu"], "argument --device: must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (["--top", "0"], "argument --top: must be a positive integer, got '0'"),
+        (["--top", "3"], "argument --top: comparing the top 3 trials needs extra seeds (--seeds S, S >= 1)"),
+        (["--seeds", "2", "--trial", "0"], "argument --seeds: not allowed with --trial"),
+        (["--seeds", "2", "--replay"], "argument --seeds: not allowed with --replay"),
         # Checked before retraining, not after: /sys refuses new files even to root.
         (["--out", "/sys/hpo-out"], "--out: cannot write in '/sys/hpo-out'"),
     ],
@@ -107,3 +112,52 @@ def test_data_without_a_test_set_is_refused(
     err = capsys.readouterr().err
     assert err == f"hpo.best: error: data_dir: no test images in {data} (test/<class>/): the retrained model is tested on them\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_top_trials_are_reevaluated_with_extra_seeds_the_best_mean_is_retrained_and_tested_once(
+    finished_study: FinishedStudy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hpo.train
+
+    # A copy of the study: re-evaluations are written to it.
+    source = sqlite3.connect(finished_study.url.removeprefix("sqlite:///"))
+    copy = sqlite3.connect(tmp_path / "copy.db")
+    source.backup(copy)
+    source.close()
+    copy.close()
+    url = f"sqlite:///{tmp_path / 'copy.db'}"
+    dataset = load_dataset(load_spec(finished_study.study_file).data)
+    evaluated: list[str] = []
+    real_evaluate = hpo.train.evaluate
+
+    def recording_evaluate(model, split, *args, **kwargs):  # type: ignore[no-untyped-def]
+        evaluated.append("test" if len(split) == len(dataset.test_labels) else "val")
+        return real_evaluate(model, split, *args, **kwargs)
+
+    monkeypatch.setattr(hpo.train, "evaluate", recording_evaluate)
+    argv = ["--study", str(finished_study.study_file), "--storage", url, "--quiet", "--out", str(tmp_path / "out"),
+            "--top", "2", "--seeds", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+
+    study = optuna.load_study(study_name="tiny", storage=url)
+    ranked = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert len(ranked) >= 3, "the fixture has a third complete trial, which is not re-evaluated"
+    assert f"reevaluated:trial{ranked[2].number}" not in study.user_attrs
+    means = {}
+    for trial in ranked[:2]:
+        stored = study.user_attrs[f"reevaluated:trial{trial.number}"]
+        assert stored["seeds"][0] == trial.user_attrs["seed"] and stored["values"][0] == trial.value
+        assert len(set(stored["seeds"])) == 3 and len(stored["values"]) == len(stored["val_accuracies"]) == 3
+        assert stored["mean"] == pytest.approx(sum(stored["values"]) / 3)
+        means[trial.number] = stored["mean"]
+    chosen = min(means, key=lambda number: means[number])
+    assert f"Chosen: trial {chosen} (" in out, out
+    assert load_model(tmp_path / "out" / f"tiny-trial{chosen}.pt").trial == chosen
+    # 2 trials x 2 extra seeds x 2 epochs on the validation split, then the test set once, last.
+    assert evaluated == ["val"] * 8 + ["test"], evaluated
+
+    # Asked again, the stored re-evaluations are read back: nothing is trained on the validation split.
+    evaluated.clear()
+    assert main(argv) == 0
+    assert evaluated == ["test"] and f"Chosen: trial {chosen} (" in capsys.readouterr().out

@@ -10,7 +10,7 @@ from hpo.errors import SpecError
 from hpo.space import Choice, FloatRange, Fixed, IntRange
 from hpo.spec import (
     HyperbandPrunerSpec,
-    MedianPrunerSpec,
+    SuccessiveHalvingPrunerSpec,
     TpeSamplerSpec,
     find_study,
     load_spec,
@@ -37,8 +37,14 @@ def test_cifar_study_searches_the_issue_parameters() -> None:
     assert isinstance(spec.space.distribution("depth"), IntRange)
     assert set(spec.space.distribution("optimizer").choices) == {"sgd", "adam", "adamw", "rmsprop"}  # type: ignore[union-attr]
     assert isinstance(spec.sampler, TpeSamplerSpec) and spec.sampler.multivariate and spec.sampler.constant_liar
-    assert isinstance(spec.pruner, MedianPrunerSpec)
+    assert spec.pruner == SuccessiveHalvingPrunerSpec(min_resource=2, reduction_factor=4), "bench/search.py's winner"
     assert spec.study.direction == "minimize"
+
+
+def test_a_study_file_without_a_pruner_table_gets_the_measured_default(tmp_path: Path) -> None:
+    path = tmp_path / "plain.toml"
+    path.write_text("[space]\nlr = { low = 1e-3, high = 1e-1, log = true }\n")
+    assert load_spec(path).pruner == SuccessiveHalvingPrunerSpec()
 
 
 def test_study_name_and_path_both_resolve() -> None:
