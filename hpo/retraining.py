@@ -235,11 +235,14 @@ def extra_seeds(seed: int, count: int) -> tuple[int, ...]:
 
 
 def top_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``top`` best complete trials by the study's objective (fewer if fewer completed)."""
+    """The ``top`` best complete trials of hpo.run (with a stored seed) by the study's objective; fewer if fewer completed."""
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if isinstance(t.user_attrs.get("seed"), int) and t.intermediate_values
+    ]
     sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
     return sorted(complete, key=lambda t: sign * float(t.value))[:top]  # type: ignore[arg-type]
 
