@@ -42,7 +42,7 @@ import optuna  # noqa: E402
 
 from hpo.data import Dataset, load_dataset  # noqa: E402
 from hpo.device import resolve_device  # noqa: E402
-from hpo.retraining import retrain_trial  # noqa: E402
+from hpo.retraining import best_first, retrain_trial  # noqa: E402
 from hpo.searching import SearchSettings, run_search  # noqa: E402
 from hpo.space import from_params  # noqa: E402
 from hpo.spec import (  # noqa: E402
@@ -91,8 +91,9 @@ def parse_config(text: str) -> Config:
 
 def configured(base: StudySpec, config: Config, *, seed: int) -> StudySpec:
     """The study file with this configuration's sampler and pruner, named and seeded for one run."""
-    sampler = base.sampler if config.sampler == type_name(base.sampler, SAMPLERS) else SAMPLERS[config.sampler]()
-    pruner = base.pruner if config.pruner == type_name(base.pruner, PRUNERS) else PRUNERS[config.pruner]()
+    # The study file's own settings where it uses the same type, the type's defaults otherwise.
+    sampler = base.sampler if isinstance(base.sampler, SAMPLERS[config.sampler]) else SAMPLERS[config.sampler]()
+    pruner = base.pruner if isinstance(base.pruner, PRUNERS[config.pruner]) else PRUNERS[config.pruner]()
     if isinstance(pruner, MedianPrunerSpec) and config.warmup is not None:
         pruner = dataclasses.replace(pruner, n_warmup_steps=config.warmup)
     if isinstance(pruner, SuccessiveHalvingPrunerSpec):
@@ -101,10 +102,6 @@ def configured(base: StudySpec, config: Config, *, seed: int) -> StudySpec:
         pruner = dataclasses.replace(pruner, min_resource=config.warmup or 1, max_resource=base.train.max_epochs)
     study = dataclasses.replace(base.study, name=f"{config.label}/seed{seed}", seed=seed)
     return dataclasses.replace(base, study=study, sampler=sampler, pruner=pruner)
-
-
-def type_name(spec: object, registry: dict[str, type]) -> str:
-    return next(name for name, cls in registry.items() if isinstance(spec, cls))
 
 
 @dataclass(frozen=True)
@@ -144,11 +141,10 @@ def finished_within(study: optuna.Study, budget_s: float) -> tuple[float, list[o
 
 def choose(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
     """The best complete trial by the study's objective, which is computed on validation data only."""
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
+    ranked = best_first(study, trials)
+    if not ranked:
         raise SystemExit(f"study {study.study_name!r}: no trial completed within the budget; raise --budget")
-    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-    return min(complete, key=lambda t: sign * float(t.value))  # type: ignore[arg-type]
+    return ranked[0]
 
 
 def measure(
@@ -161,12 +157,12 @@ def measure(
         n_trials=100_000, storage=storage, timeout=budget_s, checkpoint_dir=str(checkpoint_dir), heartbeat_interval=30,
     )
     study = run_search(spec, Overrides(), settings).study
-    _, trials = finished_within(study, budget_s)
+    started, trials = finished_within(study, budget_s)
     chosen = choose(study, trials)  # the search is over: from here on nothing is chosen
     device = resolve_device(spec.train.device, "--device")
     saved = retrain_trial(spec, chosen, from_params(chosen.params, spec.space), dataset, device)
-    run = outcome(study, config, seed, max_epochs=spec.train.max_epochs, budget_s=budget_s, target=target,
-                  test_accuracy=saved.test_accuracy)
+    run = outcome(config, seed, started=started, trials=trials, chosen=chosen, max_epochs=spec.train.max_epochs,
+                  target=target, test_accuracy=saved.test_accuracy)
     study.set_user_attr(RESULT_ATTR, {"settings": settings_key(spec, budget_s, target), **run.to_json()})
     return run
 
@@ -181,11 +177,10 @@ def settings_key(spec: StudySpec, budget_s: float, target: float) -> str:
 
 
 def outcome(
-    study: optuna.Study, config: Config, seed: int, *, max_epochs: int, budget_s: float, target: float, test_accuracy: float
+    config: Config, seed: int, *, started: float, trials: list[optuna.trial.FrozenTrial], chosen: optuna.trial.FrozenTrial,
+    max_epochs: int, target: float, test_accuracy: float,
 ) -> Run:
-    """A finished run's figures, from its study and the chosen trial's test accuracy."""
-    started, trials = finished_within(study, budget_s)
-    chosen = choose(study, trials)
+    """A finished run's figures: its trials finished within the budget, the chosen one and its test accuracy."""
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     epochs = sum(len(t.intermediate_values) for t in trials)
     curve: list[tuple[float, float]] = []

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -215,18 +216,16 @@ class Reevaluation:
 
     @property
     def mean(self) -> float:
-        return sum(self.values) / len(self.values)
+        return statistics.fmean(self.values)
 
     @property
     def sd(self) -> float:
         """Sample standard deviation over the seeds (0 for one seed)."""
-        if len(self.values) < 2:
-            return 0.0
-        return (sum((v - self.mean) ** 2 for v in self.values) / (len(self.values) - 1)) ** 0.5
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
     @property
     def val_accuracy(self) -> float:
-        return sum(self.val_accuracies) / len(self.val_accuracies)
+        return statistics.fmean(self.val_accuracies)
 
 
 def extra_seeds(seed: int, count: int) -> tuple[int, ...]:
@@ -234,17 +233,20 @@ def extra_seeds(seed: int, count: int) -> tuple[int, ...]:
     return tuple((seed + 104_729 * i) % 2**31 for i in range(1, count + 1))  # 104,729: a prime, far from 1
 
 
-def top_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``top`` best complete trials of hpo.run (with a stored seed) by the study's objective; fewer if fewer completed."""
+def best_first(study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The complete ones of ``trials``, best first by the study's objective (computed on validation data only)."""
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
-    complete = [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if isinstance(t.user_attrs.get("seed"), int) and t.intermediate_values
-    ]
     sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
-    return sorted(complete, key=lambda t: sign * float(t.value))[:top]  # type: ignore[arg-type]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return sorted(complete, key=lambda t: sign * float(t.value))  # type: ignore[arg-type]
+
+
+def top_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``top`` best complete trials of hpo.run (with a stored seed); fewer if fewer completed."""
+    ours = [t for t in study.get_trials(deepcopy=False) if isinstance(t.user_attrs.get("seed"), int) and t.intermediate_values]
+    return best_first(study, ours)[:top]
 
 
 def reevaluate(

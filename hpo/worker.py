@@ -75,7 +75,18 @@ class StopRequest:
         raise Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-class Heartbeat(threading.Thread):
+class _StoppableThread(threading.Thread):
+    """A daemon thread whose loop waits on ``_stop_event``; ``stop()`` ends it."""
+
+    def __init__(self, *, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class Heartbeat(_StoppableThread):
     """Writes the running trial's heartbeat every ``interval`` seconds, through outages too.
 
     A beat that fails is tried again every HEARTBEAT_RETRY_S seconds; the thread never ends on an
@@ -83,12 +94,11 @@ class Heartbeat(threading.Thread):
     """
 
     def __init__(self, *, storage: optuna.storages.RDBStorage, trial_id: int, interval: float, guard: StorageGuard) -> None:
-        super().__init__(name="hpo-heartbeat", daemon=True)
+        super().__init__(name="hpo-heartbeat")
         self.storage = storage
         self.trial_id = trial_id
         self.interval = interval
         self.guard = guard
-        self._stop_event = threading.Event()
 
     def run(self) -> None:
         while True:
@@ -101,11 +111,11 @@ class Heartbeat(threading.Thread):
                 return
 
     def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
+        super().stop()
+        self.join()  # gone before the next trial starts a heartbeat of its own
 
 
-class Reaper(threading.Thread):
+class Reaper(_StoppableThread):
     """Marks trials of dead workers FAIL (Optuna's retry callback then re-queues them) every ``interval`` s.
 
     Optuna reaps stale trials only when a worker starts a new trial; this thread does it even while
@@ -116,12 +126,11 @@ class Reaper(threading.Thread):
     """
 
     def __init__(self, *, study: optuna.Study, guard: StorageGuard, interval: float, grace_period: float) -> None:
-        super().__init__(name="hpo-reaper", daemon=True)
+        super().__init__(name="hpo-reaper")
         self.study = study
         self.guard = guard
         self.interval = interval
         self.grace_period = grace_period
-        self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
@@ -143,9 +152,6 @@ class Reaper(threading.Thread):
             if failed.state == TrialState.FAIL:
                 logger.warning("trial %d was never claimed by a worker: marked FAIL and re-queued", trial.number)
                 retry_callback()(self.study, failed)
-
-    def stop(self) -> None:
-        self._stop_event.set()
 
 
 def _counts(study: optuna.Study) -> dict[TrialState, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,3 +168,23 @@ def image_folder(root: Path, jpegs: list[bytes], *, per_class: int, classes: tup
             for i in range(count):
                 (folder / f"{i:04d}.jpg").write_bytes(next(files))
     return root
+
+
+@pytest.fixture
+def record_evaluations(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[str]]:
+    """``record_evaluations(test_images)`` records every later ``hpo.train.evaluate`` call, in order: "test" for a
+    split of ``test_images`` images (the test set), "val" for any other. The real evaluation still runs."""
+    import hpo.train
+
+    def start(test_images: int) -> list[str]:
+        evaluated: list[str] = []
+        real_evaluate = hpo.train.evaluate
+
+        def recording_evaluate(model, split, *args, **kwargs):  # type: ignore[no-untyped-def]
+            evaluated.append("test" if len(split) == test_images else "val")
+            return real_evaluate(model, split, *args, **kwargs)
+
+        monkeypatch.setattr(hpo.train, "evaluate", recording_evaluate)
+        return evaluated
+
+    return start

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -93,24 +94,16 @@ def _load_search_bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def test_search_bench_compares_configurations_and_tests_only_the_chosen_trial_once_per_run(
-    tmp_path: Path, archive: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, archive: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    record_evaluations: Callable[[int], list[str]],
 ) -> None:
     """2 configurations x 2 seeds of a tiny study: every evaluation is recorded; per run the test set is evaluated
     exactly once, after the run's last validation evaluation, on the trial that is best by the stored validation value."""
-    import hpo.train
     from hpo.data import load_dataset
     from hpo.spec import load_spec
 
     study_file = write_study(tmp_path, archive=archive, name="benchy", max_epochs=2)
-    test_images = len(load_dataset(load_spec(study_file).data).test_labels)
-    evaluated: list[str] = []
-    real_evaluate = hpo.train.evaluate
-
-    def recording_evaluate(model, split, *args, **kwargs):  # type: ignore[no-untyped-def]
-        evaluated.append("test" if len(split) == test_images else "val")
-        return real_evaluate(model, split, *args, **kwargs)
-
-    monkeypatch.setattr(hpo.train, "evaluate", recording_evaluate)
+    evaluated = record_evaluations(len(load_dataset(load_spec(study_file).data).test_labels))
     out = tmp_path / "out"
     bench = _load_search_bench(monkeypatch)
     assert bench.main([

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -115,10 +116,9 @@ def test_data_without_a_test_set_is_refused(
 
 
 def test_top_trials_are_reevaluated_with_extra_seeds_the_best_mean_is_retrained_and_tested_once(
-    finished_study: FinishedStudy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    finished_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    record_evaluations: Callable[[int], list[str]],
 ) -> None:
-    import hpo.train
-
     # A copy of the study: re-evaluations are written to it.
     source = sqlite3.connect(finished_study.url.removeprefix("sqlite:///"))
     copy = sqlite3.connect(tmp_path / "copy.db")
@@ -126,15 +126,7 @@ def test_top_trials_are_reevaluated_with_extra_seeds_the_best_mean_is_retrained_
     source.close()
     copy.close()
     url = f"sqlite:///{tmp_path / 'copy.db'}"
-    dataset = load_dataset(load_spec(finished_study.study_file).data)
-    evaluated: list[str] = []
-    real_evaluate = hpo.train.evaluate
-
-    def recording_evaluate(model, split, *args, **kwargs):  # type: ignore[no-untyped-def]
-        evaluated.append("test" if len(split) == len(dataset.test_labels) else "val")
-        return real_evaluate(model, split, *args, **kwargs)
-
-    monkeypatch.setattr(hpo.train, "evaluate", recording_evaluate)
+    evaluated = record_evaluations(len(load_dataset(load_spec(finished_study.study_file).data).test_labels))
     argv = ["--study", str(finished_study.study_file), "--storage", url, "--quiet", "--out", str(tmp_path / "out"),
             "--top", "2", "--seeds", "2"]
     assert main(argv) == 0
