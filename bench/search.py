@@ -8,7 +8,7 @@ does not land on one configuration only).  WARMUP is in epochs: the median prune
 
 Per run the trial chosen is the best complete trial *by the study's validation objective* among
 those finished within the budget; only then is it retrained on training + validation data and
-evaluated once on the test set (``hpo.retraining.retrain_trial``).  The test set plays no part in
+evaluated once on the test set (``hpo.results.retrain.retrain_trial``).  The test set plays no part in
 any choice.  Per configuration it prints mean ± sd over seeds of: best validation accuracy, the
 chosen configuration's test accuracy, epochs trained and the share of epochs pruning saved (against
 every finished trial running all ``max_epochs``), trials finished, and seconds until the best
@@ -40,22 +40,21 @@ sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 
-from hpo.data import Dataset, load_dataset  # noqa: E402
-from hpo.device import resolve_device  # noqa: E402
-from hpo.retraining import best_first, retrain_trial  # noqa: E402
-from hpo.searching import SearchSettings, run_search  # noqa: E402
-from hpo.space import from_params  # noqa: E402
-from hpo.spec import (  # noqa: E402
+from hpo.launching.run_args import RunRequest, SearchSettings  # noqa: E402
+from hpo.launching.session import run_search  # noqa: E402
+from hpo.results.retrain import best_first, retrain_trial  # noqa: E402
+from hpo.studyfile.samplers import (  # noqa: E402
     PRUNERS,
     SAMPLERS,
     HyperbandPrunerSpec,
     MedianPrunerSpec,
-    Overrides,
-    StudySpec,
     SuccessiveHalvingPrunerSpec,
-    find_study,
-    load_spec,
 )
+from hpo.studyfile.space import from_params  # noqa: E402
+from hpo.studyfile.spec import Overrides, StudySpec, find_study, load_spec  # noqa: E402
+from hpo.training.datasets import load_dataset  # noqa: E402
+from hpo.training.device import resolve_device  # noqa: E402
+from hpo.training.splits import Dataset  # noqa: E402
 
 DEFAULT_CONFIGS = ("tpe:none", "tpe:median:2", "tpe:median:1", "tpe:successive_halving:1", "tpe:hyperband:1", "random:median:1", "gp:median:1")
 # The study user attr holding a finished run's figures: a run interrupted before it is stored is run again.
@@ -156,7 +155,8 @@ def measure(
     settings = SearchSettings(
         n_trials=100_000, storage=storage, timeout=budget_s, checkpoint_dir=str(checkpoint_dir), heartbeat_interval=30,
     )
-    study = run_search(spec, Overrides(), settings).study
+    request = RunRequest(study=str(spec.path), overrides=Overrides(), settings=settings)
+    study = run_search(request, spec=spec).study  # the configured spec, not the file's
     started, trials = finished_within(study, budget_s)
     chosen = choose(study, trials)  # the search is over: from here on nothing is chosen
     device = resolve_device(spec.train.device, "--device")

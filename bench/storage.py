@@ -1,8 +1,8 @@
 """How the study storage holds up as workers multiply, and as the study grows.
 
-M simulated workers are processes running hpo's real worker loop (``hpo.worker.run_worker``) with hpo's
+M simulated workers are processes running hpo's real worker loop (``hpo.tuning.worker.run_worker``) with hpo's
 real ``Objective`` (suggest, user attrs, report, should_prune, the budget check) around a stand-in for
-``hpo.train.fit`` that sleeps ``--epoch-seconds`` per epoch instead of training. Each worker times the
+``hpo.training.fit.fit`` that sleeps ``--epoch-seconds`` per epoch instead of training. Each worker times the
 calls its main thread makes into Optuna's RDB storage, per trial; heartbeats run in their own thread and
 are not counted there.
 
@@ -49,13 +49,15 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import hpo.objective  # noqa: E402
-from hpo.objective import Objective  # noqa: E402
-from hpo.outage import StorageGuard  # noqa: E402
-from hpo.spec import MedianPrunerSpec, RandomSamplerSpec, StudySpec, find_study, load_spec  # noqa: E402
-from hpo.study import open_storage, open_study  # noqa: E402
-from hpo.train import EpochResult  # noqa: E402
-from hpo.worker import run_worker  # noqa: E402
+import hpo.tuning.objective  # noqa: E402
+from hpo.studyfile.samplers import MedianPrunerSpec, RandomSamplerSpec  # noqa: E402
+from hpo.studyfile.spec import StudySpec, find_study, load_spec  # noqa: E402
+from hpo.training.config import EpochResult  # noqa: E402
+from hpo.tuning.objective import Objective  # noqa: E402
+from hpo.tuning.outage import StorageGuard  # noqa: E402
+from hpo.tuning.storage import open_storage  # noqa: E402
+from hpo.tuning.study import open_study  # noqa: E402
+from hpo.tuning.worker import run_worker  # noqa: E402
 
 BENCH_DATABASE = "hpo_bench"
 # --profile: print worker 0's storage calls per trial, by method.
@@ -103,7 +105,7 @@ def bench_spec(*, epochs: int) -> StudySpec:
 
 
 def _stand_in_fit(epoch_seconds: float) -> Callable[..., None]:
-    """hpo.train.fit's signature and callbacks, with a sleep for each epoch's training."""
+    """hpo.training.fit.fit's signature and callbacks, with a sleep for each epoch's training."""
 
     def fit(model: Any, data: Any, config: Any, on_epoch_end: Callable[[EpochResult], None], **kwargs: Any) -> None:
         rng = random.Random(config.seed)
@@ -160,7 +162,7 @@ def _worker(
     """One simulated worker process: hpo's worker loop and Objective, training replaced by a sleep."""
     timings: list[TrialTiming] = []
     try:
-        hpo.objective.fit = _stand_in_fit(epoch_seconds)
+        hpo.tuning.objective.fit = _stand_in_fit(epoch_seconds)
         spec = dataclasses.replace(bench_spec(epochs=epochs), study=dataclasses.replace(bench_spec(epochs=epochs).study, name=study_name))
         storage = open_storage(url, "bench", heartbeat_interval=10)
         clock = StorageClock(storage)
@@ -304,7 +306,7 @@ def fill(study: optuna.Study, n: int, *, epochs: int, seed: int) -> None:
     spec = bench_spec(epochs=epochs)
     # The distributions hpo's space suggests, taken from one real trial of the same space.
     template = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    from hpo.space import suggest
+    from hpo.tuning.objective import suggest
 
     template.optimize(lambda t: (suggest(t, spec.space), 0.0)[1], n_trials=1)
     distributions = template.trials[0].distributions

@@ -2,7 +2,7 @@
 
 Mode ``pipeline`` trains the same CNN with the same batch size and epochs through
   (a) hpo's pipeline: data on the device once, per-image crop+flip and normalization batched on the
-      device, bf16 autocast and channels_last on CUDA, one host read per epoch (hpo.train.fit), and
+      device, bf16 autocast and channels_last on CUDA, one host read per epoch (hpo.training.fit.fit), and
   (b) the common way: a torchvision-style Dataset over the same uint8 arrays with RandomCrop(32,
       padding=4), RandomHorizontalFlip, ToTensor and Normalize behind a DataLoader (num_workers,
       pin_memory), fp32, ``loss.item()`` every step,
@@ -34,11 +34,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hpo.data import SearchData, carve_validation, load_dataset  # noqa: E402
-from hpo.models import build_model  # noqa: E402
-from hpo.space import Hyperparameters  # noqa: E402
-from hpo.spec import DataSection  # noqa: E402
-from hpo.train import TrainConfig, fit  # noqa: E402
+from hpo.studyfile.space import Hyperparameters  # noqa: E402
+from hpo.studyfile.spec import DataSection  # noqa: E402
+from hpo.training.config import TrainConfig  # noqa: E402
+from hpo.training.datasets import load_dataset  # noqa: E402
+from hpo.training.fit import fit  # noqa: E402
+from hpo.training.models import build_model  # noqa: E402
+from hpo.training.splits import SearchData, carve_validation  # noqa: E402
 
 # The CNN both pipelines train: the default cifar configuration's shape.
 MODEL = Hyperparameters(lr=2e-3, batch_size=256, kernel_size=3, weight_decay=5e-4, depth=3, base_width=32, optimizer="adamw")

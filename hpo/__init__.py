@@ -17,26 +17,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public name → the module that defines it.
 _API = {
-    "search": "hpo.searching",
-    "retrain": "hpo.retraining",
-    "SavedModel": "hpo.retraining",
-    "save_model": "hpo.retraining",
-    "load_model": "hpo.retraining",
-    "write_report": "hpo.reporting",
-    "Hyperparameters": "hpo.space",
+    "search": "hpo.launching.session",
+    "retrain": "hpo.results.retrain",
+    "replay": "hpo.results.retrain",
+    "SavedModel": "hpo.results.retrain",
+    "save_model": "hpo.results.retrain",
+    "load_model": "hpo.results.retrain",
+    "write_report": "hpo.results.report",
+    "Hyperparameters": "hpo.studyfile.space",
 }
 
-__all__ = ["Hyperparameters", "SavedModel", "load_model", "retrain", "save_model", "search", "write_report"]
+__all__ = ["Hyperparameters", "SavedModel", "load_model", "replay", "retrain", "save_model", "search", "write_report"]
 
 if TYPE_CHECKING:
-    from hpo.reporting import write_report
-    from hpo.retraining import SavedModel, load_model, retrain, save_model
-    from hpo.searching import search
-    from hpo.space import Hyperparameters
+    from hpo.launching.session import search
+    from hpo.results.report import write_report
+    from hpo.results.retrain import SavedModel, load_model, replay, retrain, save_model
+    from hpo.studyfile.space import Hyperparameters
 
 
 def __getattr__(name: str) -> object:

@@ -11,7 +11,8 @@ retrains the trial with the best mean instead of the single luckiest run.
 
 ``--replay`` retrains a trial exactly as the search did (training part only, same validation
 split, same seed, same epochs) and prints its recomputed per-epoch values next to the stored ones.
-The work is :mod:`hpo.retraining`'s; this module parses flags and prints.
+The work is :mod:`hpo.results.retrain`'s (:func:`~hpo.results.retrain.retrain`, :func:`~hpo.results.retrain.replay`);
+this module parses flags and prints.
 """
 
 from __future__ import annotations
@@ -25,14 +26,12 @@ from typing import TYPE_CHECKING
 
 from hpo.cli import Parser, add_study_flags, configure_logging, guarded, non_negative_int, positive_int, writable_folder
 from hpo.cli import device as device_flag
-from hpo.retraining import load_model, save_model  # noqa: F401 (load_model: documented here before hpo.retraining)
-from hpo.spec import Overrides, StudySpec, find_study, load_spec
+from hpo.studyfile.spec import Overrides, find_study, load_spec
 
 if TYPE_CHECKING:
     import optuna
-    import torch
 
-    from hpo.data import Dataset
+    from hpo.results.retrain import Reevaluation, Replay
 
 logger = logging.getLogger("hpo.best")  # not __name__: that is "__main__" under python -m
 
@@ -71,90 +70,99 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         args = build_parser().parse_args(argv)
-        overrides = Overrides(study_name=args.study_name, data_dir=args.data_dir, device=args.device)
-        spec = overrides.apply(load_spec(find_study(args.study)))
+        spec = Overrides(study_name=args.study_name).apply(load_spec(find_study(args.study)))
         configure_logging(verbose=args.verbose, quiet=args.quiet)
-        return _best(spec, args)
+        from hpo.results.retrain import check_reevaluation
+        from hpo.tuning.storage import resolve_storage
+        from hpo.tuning.study import load_existing_study
+
+        check_reevaluation(top=args.top, seeds=args.seeds, trial=args.trial, replay=args.replay)
+        url, source = resolve_storage(args.storage)
+        study = load_existing_study(url, source, spec.study.name, flag="--study-name" if args.study_name else "--study")
+        if args.replay:
+            return _replay(study, spec.path, args)
+        return _retrain(study, spec.path, args)
 
     return guarded(PROG, body)
 
 
-def _best(spec: StudySpec, args: argparse.Namespace) -> int:
-    from hpo.data import load_dataset
-    from hpo.device import resolve_device
-    from hpo.retraining import check_reevaluation, check_test_images, model_path, pick_trial, replay_trial, retrain_trial
-    from hpo.space import from_params
-    from hpo.study import load_existing_study, resolve_storage
+def _replay(study: optuna.Study, study_file: Path, args: argparse.Namespace) -> int:
+    from hpo.results.retrain import replay
 
-    check_reevaluation(top=args.top, seeds=args.seeds, trial=args.trial, replay=args.replay)
-    url, source = resolve_storage(args.storage)
-    study = load_existing_study(url, source, spec.study.name, flag="--study-name" if args.study_name else "--study")
-    trial = pick_trial(study, args.trial)
-    device = resolve_device(spec.train.device, "--device" if args.device else f"{spec.path}: [train] device")
-    hp = from_params(trial.params, spec.space)
-    dataset = load_dataset(spec.data)
-    if args.replay:
-        metric = spec.study.metric
-        rows = replay_trial(spec, trial, hp, dataset, device)
-        print(f"Replay of trial {trial.number} of study {spec.study.name!r} ({trial.state.name}, seed {trial.user_attrs['seed']}) on {device}:")
-        print(f"  epoch  stored {metric}  replayed {metric}  difference")
-        differences = []
-        for row in rows:
-            if row.stored is None:
-                print(f"  {row.epoch:5d}  {'-':>{7 + len(metric)}}  {row.replayed:>{9 + len(metric)}.6f}")
-                continue
-            differences.append(abs(row.replayed - row.stored))
-            print(f"  {row.epoch:5d}  {row.stored:>{7 + len(metric)}.6f}  {row.replayed:>{9 + len(metric)}.6f}  {row.replayed - row.stored:+.2e}")
-        if differences:
-            print(f"Largest difference: {max(differences):.2e} over {len(differences)} epochs")
-        return 0
-    check_test_images(dataset)
-    writable_folder(Path(args.out), "--out")  # before training, not after
-    if args.seeds > 0:
-        trial = _reevaluated_choice(study, spec, dataset, device, top=args.top, seeds=args.seeds)
-        hp = from_params(trial.params, spec.space)
-    saved = retrain_trial(spec, trial, hp, dataset, device)
+    result = replay(study, args.trial, study_file=study_file, device=args.device, data_dir=args.data_dir)
+    _print_replay(study, result)
+    return 0
+
+
+def _print_replay(study: optuna.Study, result: Replay) -> None:
+    trial, metric = result.trial, result.metric
+    print(
+        f"Replay of trial {trial.number} of study {study.study_name!r} ({trial.state.name}, "
+        f"seed {trial.user_attrs['seed']}) on {result.device}:"
+    )
+    print(f"  epoch  stored {metric}  replayed {metric}  difference")
+    differences = []
+    for row in result.epochs:
+        if row.stored is None:
+            print(f"  {row.epoch:5d}  {'-':>{7 + len(metric)}}  {row.replayed:>{9 + len(metric)}.6f}")
+            continue
+        differences.append(abs(row.replayed - row.stored))
+        print(
+            f"  {row.epoch:5d}  {row.stored:>{7 + len(metric)}.6f}  {row.replayed:>{9 + len(metric)}.6f}  "
+            f"{row.replayed - row.stored:+.2e}"
+        )
+    if differences:
+        print(f"Largest difference: {max(differences):.2e} over {len(differences)} epochs")
+
+
+def _retrain(study: optuna.Study, study_file: Path, args: argparse.Namespace) -> int:
+    from hpo.results.retrain import model_path, retrain, save_model
+
+    def show(results: list[Reevaluation], chosen: optuna.trial.FrozenTrial) -> None:
+        _print_reevaluations(study, results, chosen, top=args.top, seeds=args.seeds)
+
+    saved = retrain(
+        study, args.trial, top=args.top, seeds=args.seeds, study_file=study_file, device=args.device,
+        data_dir=args.data_dir, on_reevaluated=show, before_training=lambda: writable_folder(Path(args.out), "--out"),
+    )
     path = model_path(Path(args.out), saved)
     save_model(saved, path)
     print(
-        f"Trial {trial.number} of study {spec.study.name!r} retrained on {saved.train_images} images "
+        f"Trial {saved.trial} of study {saved.study!r} retrained on {saved.train_images} images "
         f"for {saved.epochs} epochs (seed {saved.seed}): test accuracy {saved.test_accuracy:.2%}, "
-        f"test loss {saved.test_loss:.4f} on {len(dataset.test_labels)} test images"
+        f"test loss {saved.test_loss:.4f} on {saved.test_images} test images"
     )
-    accuracy = trial.user_attrs.get("val_accuracy")
+    accuracy = study.trials[saved.trial].user_attrs.get("val_accuracy")
     if isinstance(accuracy, float):
         print(f"(The trial itself, trained on the training part only: {accuracy:.2%} validation accuracy.)")
     print(f"Checkpoint: {path}")
     return 0
 
 
-def _reevaluated_choice(
-    study: optuna.Study, spec: StudySpec, dataset: Dataset, device: torch.device, *, top: int, seeds: int
-) -> optuna.trial.FrozenTrial:
-    """Re-evaluate the top trials, print the comparison, and return the trial with the best mean."""
-    from hpo.retraining import REEVALUATION_KEY, chosen_trial, reevaluate
+def _print_reevaluations(
+    study: optuna.Study, results: list[Reevaluation], chosen: optuna.trial.FrozenTrial, *, top: int, seeds: int
+) -> None:
+    """The comparison of the re-evaluated trials, best mean first, and which one was chosen."""
+    from hpo.results.retrain import REEVALUATION_KEY
 
-    results = reevaluate(study, spec, dataset, device, top=top, seeds=seeds)
-    metric = spec.study.metric
+    metric = study.metric_names[0] if study.metric_names else "value"
     short = f" (only {len(results)} completed)" if len(results) < top else ""
     print(
         f"Re-evaluated the top {top} trials{short} with {seeds} extra seeds each on the training/validation split "
         f"({metric}, mean ± sd over {seeds + 1} seeds, the trial's own run included):"
     )
     print(f"    trial  own run   {'mean ± sd':<19} val accuracy")
-    stored_best = study.best_trial.number
     for index, result in enumerate(results):
         mark = "*" if index == 0 else " "
         print(
             f"  {mark} {result.trial:5d}  {result.values[0]:.4f}    {result.mean:.4f} ± {result.sd:<8.4f} {result.val_accuracy:.2%}"
         )
-    chosen = chosen_trial(study, results)
+    stored_best = study.best_trial.number
     also = "also the best single run" if chosen.number == stored_best else f"the best single run was trial {stored_best}"
     print(
         f"Chosen: trial {chosen.number} ({also}); stored in study {study.study_name!r} as user attributes "
         f"{REEVALUATION_KEY.format(number='N')}"
     )
-    return chosen
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import NoReturn, TypeVar
 
 from hpo.errors import HpoError, StorageUnavailable, Terminated, UsageError
 from hpo.folders import writable_folder  # noqa: F401 (the commands' name for it)
-from hpo.spec import check_device
+from hpo.studyfile.spec import check_device
 
 # Exit codes: bad input; the storage gone for longer than --storage-patience (sysexits' EX_TEMPFAIL:
 # try again later); interrupted or terminated (128 + SIGINT or SIGTERM, as shells report them).

@@ -1,7 +1,7 @@
 """``python -m hpo.dashboard``: optuna-dashboard on the study storage.
 
 optuna-dashboard is an optional extra (``pip install -e ".[dashboard]"``).  Without it the command
-says how to install it.  The notes it shows on pruned trials are written by :mod:`hpo.notes`.
+says how to install it.  The notes it shows on pruned trials are written by :mod:`hpo.tuning.notes`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(*, storage_flag: str | None, host: str, port: int) -> int:
     """Serve until Ctrl-C; bad storage, a missing optuna-dashboard or a busy port raise HpoError first."""
-    from hpo.study import check_existing_storage, open_storage, redact, resolve_storage
+    from hpo.tuning.storage import check_existing_storage, open_storage, redact, resolve_storage
 
     url, source = resolve_storage(storage_flag)
     check_existing_storage(url, source)

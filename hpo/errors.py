@@ -34,3 +34,13 @@ class StorageUnavailable(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that Optuna ends a running trial as FAIL, not RUNNING."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (the driver's, PIL's, torchvision's), or its type when it has none.
+
+    Messages from libraries run to several lines (SQL, tracebacks of the server); a one-line error
+    shows only the first.
+    """
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

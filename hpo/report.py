@@ -1,6 +1,6 @@
 """``python -m hpo.report``: one self-contained HTML report of a study, plus ``trials.csv`` and ``summary.json``.
 
-The report itself is :mod:`hpo.reporting`'s; this module parses flags and prints the paths.
+The report itself is :func:`hpo.results.report.write_report`'s; this module parses flags and prints.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpo.cli import Parser, add_study_flags, configure_logging, guarded, positive_int, writable_folder
-from hpo.spec import Overrides, StudySpec, find_study, load_spec
+from hpo.studyfile.spec import Overrides, StudySpec, find_study, load_spec
 
 PROG = "hpo.report"
 DEFAULT_OUT = "reports"
@@ -41,26 +41,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(spec: StudySpec, args: argparse.Namespace) -> int:
-    from hpo.reporting import report_study
-    from hpo.study import load_existing_study, redact, resolve_storage
+    from hpo.results.report import write_report
+    from hpo.results.summary import summary_lines
+    from hpo.tuning.storage import redact, resolve_storage
+    from hpo.tuning.study import load_existing_study
 
     url, source = resolve_storage(args.storage)
     study = load_existing_study(url, source, spec.study.name, flag="--study-name" if args.study_name else "--study")
-    metric = study.metric_names[0] if study.metric_names else spec.study.metric
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / spec.study.name
-    writable_folder(out, "--out" if args.out else "default report folder")
-    summary, files = report_study(study, out, storage_shown=redact(url), metric=metric, max_epochs=spec.train.max_epochs)
+    writable_folder(out, "--out" if args.out else "default report folder")  # named by its flag, before writing
+    files = write_report(
+        study, out=out, study_file=spec.path, max_epochs=spec.train.max_epochs, storage_shown=redact(url)
+    )
     if not args.quiet:
-        states = ", ".join(f"{name} {count}" for name, count in summary.states.items() if count) or "none"
-        print(f"Study {summary.study!r} in {summary.storage}: {summary.trials} trials ({states})")
-        if summary.best is None:
-            print("No completed trial yet: the report shows what there is and says what is missing.")
-        else:
-            print(f"Best trial {summary.best.number}: {metric} {summary.best.value:.4f}")
-        print(
-            f"Epochs: {summary.epochs_trained} trained, {summary.epochs_without_pruning} without pruning "
-            f"(saved {summary.epochs_saved_fraction:.0%}); {summary.training_seconds:.1f} s of training"
-        )
+        for line in summary_lines(files.study_summary):
+            print(line)
     for path in (files.page, files.trials, files.summary):
         print(path)
     return 0

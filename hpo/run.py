@@ -1,12 +1,12 @@
 """``python -m hpo.run``: run (or resume) a study until it has ``--n-trials`` finished trials.
 
-argv → study file → :func:`hpo.searching.run_search` (checks, study, trials) with progress bars → summary.
+argv → :func:`hpo.launching.run_args.parse_run_args` → :func:`hpo.launching.session.run_search` (checks, study,
+trials) with progress bars → summary.
 Every problem a user can fix is one line on stderr and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import sys
@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 
 from hpo import cli
 from hpo.cli import configure_logging
-from hpo.run_flags import PROG, build_parser
-from hpo.spec import Overrides, StudySpec, find_study, load_spec
+from hpo.launching.run_args import PROG, RunRequest, parse_run_args
+from hpo.studyfile.spec import StudySpec
 
 if TYPE_CHECKING:  # imported lazily below: a bad flag should fail fast, before torch loads
     import optuna
 
-    from hpo.train import EpochResult
+    from hpo.launching.session import SearchResult
+    from hpo.training.config import EpochResult
 
 logger = logging.getLogger("hpo.run")
 
@@ -33,22 +34,22 @@ class Progress:
     Bars draw only on a terminal (tqdm's ``disable=None``); elsewhere, log lines tell the story.
     """
 
-    def __init__(self, *, max_epochs: int, metric: str, enabled: bool) -> None:
+    def __init__(self, *, enabled: bool) -> None:
         from tqdm.auto import tqdm
 
         self._tqdm = tqdm
-        self.metric = metric
-        self.max_epochs = max_epochs
+        self.max_epochs = 0  # per trial: known once the study file and its overrides are
         self.disable = None if enabled else True
         self.trials = None
         self.epochs = None
         self.trial_number = -1
         self._redirect: contextlib.AbstractContextManager[None] | None = None
 
-    def start(self, total: int, done: int) -> None:
+    def start(self, spec: StudySpec, total: int, done: int) -> None:
         """Trials are about to run: a bar over the budget, from the trials finished; log lines print above the bars."""
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        self.max_epochs = spec.train.max_epochs
         self.trials = self._tqdm(total=total, initial=done, desc="trials", unit="trial", disable=self.disable, position=0)
         self._redirect = logging_redirect_tqdm()
         self._redirect.__enter__()
@@ -72,7 +73,7 @@ class Progress:
         )
 
     def on_trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        from hpo.study import FINISHED_STATES
+        from hpo.tuning.budget import FINISHED_STATES
 
         if self.epochs is not None:
             self.epochs.close()
@@ -95,75 +96,47 @@ class Progress:
             self._redirect.__exit__(None, None, None)
 
 
-def _format_value(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def print_summary(result: SearchResult, *, seconds: float) -> None:
+    from hpo.results.summary import summarize, summary_lines
 
-
-def print_summary(study: optuna.Study, *, storage_shown: str, metric: str, seconds: float, ran: int) -> None:
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    by_state = {state.name: sum(t.state == state for t in trials) for state in TrialState}
-    states = ", ".join(f"{name} {count}" for name, count in by_state.items() if count)
-    print(f"Study {study.study_name!r} in {storage_shown}: {len(trials)} trials ({states or 'none'})")
-    completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    if completed:
-        best = study.best_trial
-        accuracy = best.user_attrs.get("val_accuracy")
-        shown = f", val_accuracy {accuracy:.2%}" if isinstance(accuracy, float) else ""
-        print(f"Best trial {best.number}: {metric} {best.value:.4f}{shown} (epoch {best.user_attrs.get('best_epoch', '?')})")
-        for name, value in best.params.items():
-            print(f"  {name} = {_format_value(value)}")
-    else:
-        print("No completed trial yet.")
-    training = sum((t.duration.total_seconds() for t in trials if t.duration is not None), 0.0)
-    print(f"Time: {seconds:.1f} s in this run ({ran} trials); {training:.1f} s in all trials of the study")
-    print(f"Watch it: optuna-dashboard {storage_shown}")
+    summary = summarize(
+        result.study, storage_shown=result.storage_shown, metric=result.spec.study.metric,
+        max_epochs=result.spec.train.max_epochs,
+    )
+    for line in summary_lines(summary):
+        print(line)
+    print(f"Time: {seconds:.1f} s in this run ({result.ran} trials)")
+    print(f"Watch it: optuna-dashboard {result.storage_shown}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
 
     def body() -> int:
-        args = build_parser().parse_args(argv)
-        overrides = Overrides(
-            study_name=args.study_name, seed=args.seed, data_dir=args.data_dir, device=args.device,
-            max_epochs=args.max_epochs,
-        )
-        spec = load_spec(find_study(args.study))
-        configure_logging(verbose=args.verbose, quiet=args.quiet)
+        request = parse_run_args(argv)
+        configure_logging(verbose=request.settings.verbose, quiet=request.settings.quiet)
         # On Ctrl-C/SIGTERM Optuna marks the running trial FAIL and the worker re-queues it.
-        return _run(spec, overrides, args, started)
+        return _run(request, started)
 
     return cli.guarded(PROG, body)
 
 
-def _run(spec: StudySpec, overrides: Overrides, args: argparse.Namespace, started: float) -> int:
-    from hpo.searching import Listeners, SearchSettings, run_search
+def _run(request: RunRequest, started: float) -> int:
+    from hpo.launching.session import Listeners, run_search
 
-    settings = SearchSettings(
-        n_trials=args.n_trials, storage=args.storage, timeout=args.timeout, checkpoint_dir=args.checkpoint_dir,
-        gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, heartbeat_interval=args.heartbeat_interval,
-        grace_period=args.grace_period, storage_patience=args.storage_patience, worker_index=args.worker_index,
-        verbose=args.verbose,
-    )
-    standalone = args.worker_index is None  # not one of a launcher's workers
-    effective = overrides.apply(spec)
-    metric = effective.study.metric
-    progress = Progress(max_epochs=effective.train.max_epochs, metric=metric, enabled=not args.quiet and standalone)
+    quiet = request.settings.quiet
+    standalone = request.settings.worker_index is None  # not one of a launcher's workers
+    progress = Progress(enabled=not quiet and standalone)
     listeners = Listeners(
         on_start=progress.start, on_epoch=progress.on_epoch, on_trial_end=[progress.on_trial_end],
-        show_launcher_progress=not args.quiet,
+        show_launcher_progress=not quiet,
     )
     try:
-        result = run_search(spec, overrides, settings, listeners)
+        result = run_search(request, listeners)
     finally:
         progress.close()
     if standalone:
-        print_summary(
-            result.study, storage_shown=result.storage_shown, metric=metric,
-            seconds=time.perf_counter() - started, ran=result.ran,
-        )
+        print_summary(result, seconds=time.perf_counter() - started)
     return result.exit_code
 
 

@@ -16,12 +16,17 @@ import shlex
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpo import cli
 from hpo.errors import HpoError, UsageError
-from hpo.run_flags import build_parser as build_run_parser
-from hpo.spec import find_study, load_spec
+from hpo.launching.run_args import RunRequest, parse_run_args, worker_argv
+from hpo.studyfile.spec import find_study, load_spec
+
+if TYPE_CHECKING:
+    from hpo.launching.slurm import SubmittedArray
 
 PROG = "hpo.submit"
 
@@ -92,98 +97,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+def _split(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """(hpo.submit's own arguments, hpo.run's after ``--``, or None when there is no ``--``)."""
     argv = list(argv)
     if "--" not in argv:
-        raise UsageError("hpo.run arguments are missing: put them after --, e.g. -- --study cifar --n-trials 100")
+        return argv, None
     cut = argv.index("--")
     return argv[:cut], argv[cut + 1 :]
 
 
-def run_arguments(run_argv: Sequence[str]) -> tuple[list[str], str, str]:
-    """(hpo.run arguments for every task, storage URL, where it came from), checked before anything is queued.
+@dataclass(frozen=True)
+class QueuedRun:
+    """The hpo.run request every task runs, checked, with its files named absolutely for any working directory."""
 
-    The study is named by its absolute file path, and the checkpoint folder made absolute, so that a
-    task finds both whatever its working directory; ``--storage`` is taken out (it travels in the
-    environment).
-    """
-    from hpo.study import check_storage, resolve_storage, sqlite_path
+    request: RunRequest
+    study_path: Path
+    checkpoint_dir: Path
+    storage_url: str  # goes to the tasks in HPO_STORAGE, never on their command line
+
+    def task_argv(self, *, index: int, device: str) -> list[str]:
+        return worker_argv(
+            self.request, study_path=self.study_path, checkpoint_dir=self.checkpoint_dir, index=index, device=device
+        )
+
+
+def queued_run(run_argv: Sequence[str]) -> QueuedRun:
+    """hpo.run's arguments for every task, checked (flags, study file, storage) before anything is queued."""
+    from hpo.tuning.storage import check_storage, resolve_storage, sqlite_path
 
     try:
-        args = build_run_parser().parse_args(run_argv)
+        request = parse_run_args(run_argv)
     except UsageError as exc:
         raise UsageError(f"after --: {exc}") from None
-    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in _SET_PER_TASK}
+    overrides, settings = request.overrides, request.settings
+    given = {"--device": overrides.device, "--worker-index": settings.worker_index, "--gpus": settings.gpus,
+             "--workers-per-gpu": None if settings.workers_per_gpu == 1 else settings.workers_per_gpu}
     for flag, value in given.items():
-        if value is not None and (flag != "--workers-per-gpu" or value != 1):
+        if value is not None:
             raise UsageError(f"after --: argument {flag}: set by hpo.submit (see {_SET_PER_TASK[flag]})")
-    spec = load_spec(find_study(args.study))
-    storage_url, source = resolve_storage(args.storage)
+    spec = load_spec(find_study(request.study))
+    storage_url, source = resolve_storage(settings.storage)
     if sqlite_path(storage_url) is not None or storage_url.startswith("sqlite:"):
         raise UsageError(
             f"{source}: workers on a cluster need a database server (postgresql+psycopg2://… or mysql+pymysql://…); "
             "SQLite locking is not safe across nodes"
         )
     check_storage(storage_url, source)
-    out = _without(list(run_argv), "--storage")
-    out = [*_without(out, "--study"), "--study", str(spec.path.resolve())]
-    checkpoint_dir = Path(args.checkpoint_dir or "hpo-checkpoints").resolve()
-    out = [*_without(out, "--checkpoint-dir"), "--checkpoint-dir", str(checkpoint_dir)]
-    return out, storage_url, source
-
-
-def _without(argv: list[str], flag: str) -> list[str]:
-    """``argv`` without ``flag`` and its value, in either spelling (``--flag v``, ``--flag=v``)."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == flag:
-            skip = True
-        elif not arg.startswith(flag + "="):
-            out.append(arg)
-    return out
+    return QueuedRun(
+        request=request, study_path=spec.path.resolve(),
+        checkpoint_dir=Path(settings.checkpoint_dir or "hpo-checkpoints").resolve(), storage_url=storage_url,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         ours, theirs = _split(sys.argv[1:] if argv is None else argv)
-        args = build_parser().parse_args(ours)
-        run_argv, storage_url, _ = run_arguments(theirs)
-        try:
-            from hpo.slurm import SIGNAL_DELAY_S, SlurmRequest, submit_array
-        except ImportError as exc:
-            raise UsageError(f"submitit is not installed ({exc.name}): pip install 'hpo[slurm]'") from None
-        if args.time * 60 <= 2 * SIGNAL_DELAY_S:
-            # The time-limit warning would come before the worker has done anything.
-            raise UsageError(f"argument --time: must be more than {2 * SIGNAL_DELAY_S // 60} minutes, got {args.time}")
-        from submitit.core.utils import FailedJobError
-
-        from hpo.study import redact
-
-        request = SlurmRequest(
-            workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-            time_min=args.time, log_dir=Path(args.log_dir).resolve(), job_name=args.job_name,
-            partition=args.partition, mem=args.mem_per_worker, account=args.account, max_parallel=args.max_parallel,
-            sbatch_options=tuple(args.sbatch),
-        )
-        if shutil.which("sbatch") is None or shutil.which("srun") is None:
-            raise SlurmRefused("sbatch not found: run hpo.submit on a Slurm login node")
-        try:
-            array = submit_array(request, run_argv=run_argv, storage_url=storage_url)
-        except FailedJobError as exc:
-            lines = [line for line in str(exc).splitlines() if "error" in line.lower()] or str(exc).splitlines()
-            raise SlurmRefused(f"sbatch refused the job: {lines[-1].strip() if lines else exc}") from None
-        shown = redact(storage_url)
-        tasks = array.task_ids[0] if len(array.task_ids) == 1 else f"{array.task_ids[0]} … {array.task_ids[-1]}"
-        print(f"Submitted Slurm array job {array.job_id}: {args.workers} hpo workers (tasks {tasks})")
-        print(f"  each runs:  python -m hpo.run {shlex.join(run_argv)} --device … --worker-index i")
-        print(f"  storage:    {shown} (in the tasks' HPO_STORAGE)")
-        print(f"  watch:      squeue -j {array.job_id}      logs: {array.log_dir}/{array.job_id}_*/")
-        print(f"  study:      optuna-dashboard {shown}")
-        print(f"  stop:       scancel {array.job_id}      (running trials are failed and re-queued; submit again to resume)")
-        return 0
+        args = build_parser().parse_args(ours)  # first, so that --help works without hpo.run's arguments
+        if theirs is None:
+            raise UsageError("hpo.run arguments are missing: put them after --, e.g. -- --study cifar --n-trials 100")
+        return _submit(args, queued_run(theirs))
 
     def guarded_body() -> int:
         try:
@@ -193,6 +165,48 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_SLURM
 
     return cli.guarded(PROG, guarded_body)
+
+
+def _submit(args: argparse.Namespace, queued: QueuedRun) -> int:
+    try:
+        from hpo.launching.slurm import SIGNAL_DELAY_S, SlurmRequest, submit_array
+    except ImportError as exc:
+        raise UsageError(f"submitit is not installed ({exc.name}): pip install 'hpo[slurm]'") from None
+    if args.time * 60 <= 2 * SIGNAL_DELAY_S:
+        # The time-limit warning would come before the worker has done anything.
+        raise UsageError(f"argument --time: must be more than {2 * SIGNAL_DELAY_S // 60} minutes, got {args.time}")
+    from submitit.core.utils import FailedJobError
+
+    request = SlurmRequest(
+        workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        time_min=args.time, log_dir=Path(args.log_dir).resolve(), job_name=args.job_name,
+        partition=args.partition, mem=args.mem_per_worker, account=args.account, max_parallel=args.max_parallel,
+        sbatch_options=tuple(args.sbatch),
+    )
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise SlurmRefused("sbatch not found: run hpo.submit on a Slurm login node")
+    device = "cuda" if args.gpus_per_worker else "cpu"
+    task_argvs = [queued.task_argv(index=i, device=device) for i in range(args.workers)]
+    try:
+        array = submit_array(request, task_argvs=task_argvs, storage_url=queued.storage_url)
+    except FailedJobError as exc:
+        lines = [line for line in str(exc).splitlines() if "error" in line.lower()] or str(exc).splitlines()
+        raise SlurmRefused(f"sbatch refused the job: {lines[-1].strip() if lines else exc}") from None
+    _print_submitted(array, queued, workers=args.workers, first_argv=task_argvs[0])
+    return 0
+
+
+def _print_submitted(array: SubmittedArray, queued: QueuedRun, *, workers: int, first_argv: Sequence[str]) -> None:
+    from hpo.tuning.storage import redact
+
+    shown = redact(queued.storage_url)
+    tasks = array.task_ids[0] if len(array.task_ids) == 1 else f"{array.task_ids[0]} … {array.task_ids[-1]}"
+    print(f"Submitted Slurm array job {array.job_id}: {workers} hpo workers (tasks {tasks})")
+    print(f"  task 0 runs: python -m hpo.run {shlex.join(first_argv)}  (task i: --worker-index i)")
+    print(f"  storage:    {shown} (in the tasks' HPO_STORAGE)")
+    print(f"  watch:      squeue -j {array.job_id}      logs: {array.log_dir}/{array.job_id}_*/")
+    print(f"  study:      optuna-dashboard {shown}")
+    print(f"  stop:       scancel {array.job_id}      (running trials are failed and re-queued; submit again to resume)")
 
 
 if __name__ == "__main__":

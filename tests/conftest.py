@@ -172,19 +172,19 @@ def image_folder(root: Path, jpegs: list[bytes], *, per_class: int, classes: tup
 
 @pytest.fixture
 def record_evaluations(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[str]]:
-    """``record_evaluations(test_images)`` records every later ``hpo.train.evaluate`` call, in order: "test" for a
+    """``record_evaluations(test_images)`` records every later ``hpo.training.fit.evaluate`` call, in order: "test" for a
     split of ``test_images`` images (the test set), "val" for any other. The real evaluation still runs."""
-    import hpo.train
+    import hpo.training.fit
 
     def start(test_images: int) -> list[str]:
         evaluated: list[str] = []
-        real_evaluate = hpo.train.evaluate
+        real_evaluate = hpo.training.fit.evaluate
 
         def recording_evaluate(model, split, *args, **kwargs):  # type: ignore[no-untyped-def]
             evaluated.append("test" if len(split) == test_images else "val")
             return real_evaluate(model, split, *args, **kwargs)
 
-        monkeypatch.setattr(hpo.train, "evaluate", recording_evaluate)
+        monkeypatch.setattr(hpo.training.fit, "evaluate", recording_evaluate)
         return evaluated
 
     return start

@@ -99,8 +99,8 @@ def test_search_bench_compares_configurations_and_tests_only_the_chosen_trial_on
 ) -> None:
     """2 configurations x 2 seeds of a tiny study: every evaluation is recorded; per run the test set is evaluated
     exactly once, after the run's last validation evaluation, on the trial that is best by the stored validation value."""
-    from hpo.data import load_dataset
-    from hpo.spec import load_spec
+    from hpo.studyfile.spec import load_spec
+    from hpo.training.datasets import load_dataset
 
     study_file = write_study(tmp_path, archive=archive, name="benchy", max_epochs=2)
     evaluated = record_evaluations(len(load_dataset(load_spec(study_file).data).test_labels))

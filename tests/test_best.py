@@ -15,10 +15,12 @@ from optuna.trial import TrialState
 
 from conftest import FinishedStudy, image_folder
 from hpo.best import main
-from hpo.retraining import load_model
-from hpo.data import Normalizer, Split, load_dataset
-from hpo.spec import load_spec
-from hpo.train import evaluate
+from hpo.results.retrain import load_model
+from hpo.studyfile.spec import load_spec
+from hpo.training.batches import Normalizer
+from hpo.training.datasets import load_dataset
+from hpo.training.fit import evaluate
+from hpo.training.splits import Split
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 from conftest import FinishedStudy
 from hpo.dashboard import main
-from hpo.notes import Pruned, pruning_note, write_pruning_note
-from hpo.spec import MedianPrunerSpec, PercentilePrunerSpec, SuccessiveHalvingPrunerSpec
+from hpo.studyfile.samplers import MedianPrunerSpec, PercentilePrunerSpec, SuccessiveHalvingPrunerSpec
+from hpo.tuning.notes import Pruned, pruning_note, write_pruning_note
 
 # Seconds to wait for the server to answer: Python, optuna and the dashboard load first.
 START_TIMEOUT_S = 60

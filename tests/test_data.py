@@ -8,18 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpo.data import (
-    DATASETS,
-    Normalizer,
-    augment,
-    cache_dir,
-    carve_validation,
-    load_dataset,
-    train_batches,
-)
 from hpo.errors import DataError
-from hpo.space import Hyperparameters
-from hpo.spec import DataSection
+from hpo.studyfile.names import DATASETS
+from hpo.studyfile.space import Hyperparameters
+from hpo.studyfile.spec import DataSection
+from hpo.training.batches import Normalizer, augment, train_batches
+from hpo.training.datasets import load_dataset
+from hpo.training.imagefolder import cache_dir
+from hpo.training.splits import carve_validation
 
 
 @pytest.fixture(scope="module")

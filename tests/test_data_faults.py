@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import image_folder
-from hpo.data import MAX_BAD_IMAGE_FRACTION, Dataset, load_dataset
 from hpo.errors import DataError
-from hpo.spec import DataSection
+from hpo.studyfile.spec import DataSection
+from hpo.training.datasets import load_dataset
+from hpo.training.imagefolder import MAX_BAD_IMAGE_FRACTION
+from hpo.training.splits import Dataset
 
 
 @pytest.fixture()
@@ -33,7 +35,7 @@ def _cached(cache: Path) -> list[Path]:
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "hpo.data"]
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "hpo.training.imagefolder"]
 
 
 def test_a_corrupt_jpeg_among_many_is_skipped_with_a_warning_that_counts_it(
@@ -42,13 +44,13 @@ def test_a_corrupt_jpeg_among_many_is_skipped_with_a_warning_that_counts_it(
     root = image_folder(tmp_path / "set", real_jpegs, per_class=100)
     (root / "train" / "cat" / "broken.jpg").write_bytes(b"this is not a JPEG")
     assert 1 <= MAX_BAD_IMAGE_FRACTION * 203, "1 bad image of 203 is within the documented share"
-    with caplog.at_level(logging.WARNING, logger="hpo.data"):
+    with caplog.at_level(logging.WARNING, logger="hpo.training.imagefolder"):
         dataset = _load(root)
     assert len(dataset.train_labels) == 200 and len(dataset.test_labels) == 2, "every readable image is kept"
     (message,) = _warnings(caplog)
     assert f"skipped 1 unreadable of 203 images in {root}" in message and "train/cat/broken.jpg" in message
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hpo.data"):
+    with caplog.at_level(logging.WARNING, logger="hpo.training.imagefolder"):
         again = _load(root)
     assert len(_cached(cache)) == 1 and len(again.train_labels) == 200
     assert len(_warnings(caplog)) == 1, "a load from the cache says again that images are missing"
@@ -63,7 +65,7 @@ def test_a_repaired_image_inside_a_class_folder_is_decoded_again(
     assert len(_load(root).train_labels) == 200
     broken.write_bytes(real_jpegs[-1])  # the top folder's own mtime does not change
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hpo.data"):
+    with caplog.at_level(logging.WARNING, logger="hpo.training.imagefolder"):
         repaired = _load(root)
     assert len(repaired.train_labels) == 201 and not _warnings(caplog)
 
@@ -144,7 +146,7 @@ def test_a_cache_that_cannot_be_written_is_a_warning(
     not_a_folder.write_text("")
     monkeypatch.setenv("HPO_CACHE_DIR", str(not_a_folder / "cache"))
     root = image_folder(tmp_path / "set", real_jpegs, per_class=5)
-    with caplog.at_level(logging.WARNING, logger="hpo.data"):
+    with caplog.at_level(logging.WARNING, logger="hpo.training.imagefolder"):
         dataset = _load(root)
     assert len(dataset.train_labels) == 10
     (message,) = _warnings(caplog)
@@ -159,12 +161,12 @@ def test_a_damaged_cache_is_decoded_again(
     (cached,) = _cached(cache)
     cached.write_bytes(cached.read_bytes()[:1000])  # as a disk fault would leave it
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hpo.data"):
+    with caplog.at_level(logging.WARNING, logger="hpo.training.imagefolder"):
         again = _load(root)
     assert again.train_labels.tolist() == first.train_labels.tolist()
     (message,) = _warnings(caplog)
     assert message.startswith(f"ignoring unreadable cache {cached}")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hpo.data"):
+    with caplog.at_level(logging.WARNING, logger="hpo.training.imagefolder"):
         _load(root)
     assert not _warnings(caplog), "the cache was written again"

@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 from sqlalchemy.engine import make_url
 
-from hpo.run import build_parser
-from hpo.spec import find_study, load_spec
+from hpo.launching.run_args import build_parser
+from hpo.studyfile.spec import find_study, load_spec
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 ROOT = DOCKER.parent

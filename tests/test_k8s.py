@@ -11,8 +11,8 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from hpo.run import build_parser
-from hpo.spec import find_study
+from hpo.launching.run_args import build_parser
+from hpo.studyfile.spec import find_study
 
 K8S = Path(__file__).resolve().parent.parent / "docker" / "k8s"
 # The oldest Kubernetes the manifests are meant for (Indexed Jobs with podFailurePolicy), and the newest known here.

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from conftest import write_study
-from faults import ThrowawayPostgres, TcpProxy, Worker, fresh_database, running_with_epochs, server_url, wait_for
+from faults import TcpProxy, ThrowawayPostgres, Worker, fresh_database, running_with_epochs, server_url, wait_for
 from hpo.cli import EXIT_STORAGE_UNAVAILABLE
 
 pytestmark = pytest.mark.slow
@@ -86,8 +86,9 @@ def _summary(label: str, trials: list[optuna.trial.FrozenTrial], **figures: obje
 
 def _join_at_barrier(urls: list[str], study_file: str, barrier: multiprocessing.synchronize.Barrier, queue: multiprocessing.Queue) -> None:
     """One process of the race: for each fresh storage, open it and the study at the same instant as the others."""
-    from hpo.spec import load_spec
-    from hpo.study import open_storage, open_study
+    from hpo.studyfile.spec import load_spec
+    from hpo.tuning.storage import open_storage
+    from hpo.tuning.study import open_study
 
     spec = load_spec(Path(study_file))
     for url in urls:
@@ -273,7 +274,7 @@ def test_a_trial_reaped_under_its_live_worker_is_skipped_and_its_retry_resumes(t
     try:
         victim = wait_for(lambda: running_with_epochs(url, "reaped"), 120, "a running trial with a reported epoch")
         assert isinstance(victim, optuna.trial.FrozenTrial)
-        from hpo.study import retry_callback
+        from hpo.tuning.storage import retry_callback
 
         impatient = optuna.storages.RDBStorage(
             url, heartbeat_interval=1, grace_period=1, heartbeat_stale_trial_callback=retry_callback()

@@ -1,13 +1,12 @@
 """Every hyperparameter reaches what it claims to change: the built model, optimizer, schedule, loss or batches.
 
 Each check goes the way a trial does: a ``[space]`` table → ``suggest`` → ``build_model`` /
-``objective.train_config`` → the ``hpo.train`` factories, and inspects the resulting objects.
+``hpo.training.recipe.train_config`` → the ``hpo.training`` factories, and inspects the resulting objects.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,12 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-from hpo.data import DATASETS, Normalizer, Split, train_batches
-from hpo.models import MODELS, build_model, count_parameters
-from hpo.objective import train_config
-from hpo.space import PARAMETERS, Hyperparameters, parse_space, suggest
-from hpo.spec import DataSection, ModelSection, load_spec
-from hpo.train import Batch, make_augmentation, make_loss, make_optimizer, make_schedule, training_batches
+from hpo.studyfile import names
+from hpo.studyfile.names import DATASETS
+from hpo.studyfile.space import PARAMETERS, Hyperparameters, parse_space
+from hpo.studyfile.spec import load_spec
+from hpo.training.batches import Batch, Normalizer, make_augmentation, train_batches, training_batches
+from hpo.training.models import MODELS, build_model, count_parameters, register_model
+from hpo.training.optimization import make_loss, make_optimizer, make_schedule
+from hpo.training.recipe import train_config
+from hpo.training.splits import Split
+from hpo.tuning.objective import suggest
 
 CPU = torch.device("cpu")
 
@@ -132,9 +135,17 @@ def test_resnet9_is_pages_network() -> None:
     assert 6_500_000 < count_parameters(model) < 6_700_000, "Page's ResNet-9 has about 6.6 M weights"
 
 
-def test_registries_match_the_study_file_keys() -> None:
-    assert set(typing.get_args(typing.get_type_hints(ModelSection)["name"])) == set(MODELS)
-    assert set(typing.get_args(typing.get_type_hints(DataSection)["dataset"])) == set(DATASETS)
+def test_every_model_name_a_study_file_may_use_has_a_builder_and_no_builder_goes_undeclared() -> None:
+    assert set(MODELS) == set(names.MODELS)
+    with pytest.raises(ValueError, match="'mynet' is not declared"):
+        register_model("mynet")
+
+
+def test_every_torchvision_dataset_name_exists_in_torchvision() -> None:
+    import torchvision
+
+    for info in DATASETS.values():
+        assert info.torchvision_class is None or hasattr(torchvision.datasets, info.torchvision_class)
 
 
 # name → (a [space] table, a check on the optimizer built from it)
@@ -302,8 +313,8 @@ def test_every_hyperparameter_has_a_reach_test() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", [{"schedule": "step", "step_size": 1, "gamma": 0.5}, {"schedule": "onecycle"}])
 def test_a_resumed_fit_continues_the_schedule(schedule: dict, tmp_path: Path) -> None:
-    from hpo.data import SearchData
-    from hpo.train import fit, load_checkpoint
+    from hpo.training.fit import fit, load_checkpoint
+    from hpo.training.splits import SearchData
 
     generator = torch.Generator().manual_seed(0)
     split = Split(images=torch.randint(0, 256, (32, 8, 8, 1), dtype=torch.uint8, generator=generator), labels=torch.arange(32) % 2)
@@ -328,8 +339,8 @@ def test_a_resumed_fit_continues_the_schedule(schedule: dict, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_fit_stops_where_asked_and_skips_evaluation_when_told(tmp_path: Path) -> None:
-    from hpo.data import SearchData
-    from hpo.train import fit
+    from hpo.training.fit import fit
+    from hpo.training.splits import SearchData
 
     generator = torch.Generator().manual_seed(0)
     split = Split(images=torch.randint(0, 256, (32, 8, 8, 1), dtype=torch.uint8, generator=generator), labels=torch.arange(32) % 2)

@@ -7,9 +7,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hpo.space import suggest
-from hpo.spec import PRUNERS, SAMPLERS, load_spec
-from hpo.study import PRUNER_CLASSES, SAMPLER_CLASSES, create_pruner, create_sampler
+from hpo.studyfile.samplers import PRUNERS, SAMPLERS
+from hpo.studyfile.spec import load_spec
+from hpo.tuning.objective import suggest
+from hpo.tuning.study import PRUNER_CLASSES, SAMPLER_CLASSES, create_pruner, create_sampler
 
 SPACE = """
 [space]

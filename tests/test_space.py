@@ -7,7 +7,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hpo.space import Hyperparameters, from_params, parse_space, readme_table, suggest
+from hpo.studyfile.space import Hyperparameters, from_params, parse_space, readme_table
+from hpo.tuning.objective import suggest
 
 
 def _sample(space_table: dict, n: int = 30) -> list[tuple[Hyperparameters, dict]]:

@@ -7,15 +7,10 @@ from pathlib import Path
 import pytest
 
 from hpo.errors import SpecError
-from hpo.space import Choice, FloatRange, Fixed, IntRange
-from hpo.spec import (
-    HyperbandPrunerSpec,
-    SuccessiveHalvingPrunerSpec,
-    TpeSamplerSpec,
-    find_study,
-    load_spec,
-    studies_dirs,
-)
+from hpo.studyfile.samplers import HyperbandPrunerSpec, SuccessiveHalvingPrunerSpec, TpeSamplerSpec
+from hpo.studyfile.space import Choice, Fixed, FloatRange, IntRange
+from hpo.studyfile.spec import Overrides, find_study, load_spec, studies_dirs
+from hpo.tuning.study import pruner_options
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,11 +61,16 @@ def test_defaults_fill_missing_tables(tmp_path: Path) -> None:
     assert spec.space.distribution("batch_size") == Fixed(128)
 
 
-def test_hyperband_max_resource_defaults_to_max_epochs(tmp_path: Path) -> None:
+def test_hyperband_max_resource_defaults_to_max_epochs_after_the_max_epochs_flag(tmp_path: Path) -> None:
     path = tmp_path / "hb.toml"
     path.write_text('[train]\nmax_epochs = 7\n[pruner]\ntype = "hyperband"\n')
-    pruner = load_spec(path).pruner
-    assert isinstance(pruner, HyperbandPrunerSpec) and pruner.max_resource == 7
+    spec = load_spec(path)
+    assert isinstance(spec.pruner, HyperbandPrunerSpec)
+    assert pruner_options(spec)["max_resource"] == 7
+    # --max-epochs 3 on a 7-epoch study: Hyperband's rungs end at epoch 3, not 7.
+    assert pruner_options(Overrides(max_epochs=3).apply(spec))["max_resource"] == 3
+    path.write_text('[train]\nmax_epochs = 7\n[pruner]\ntype = "hyperband"\nmax_resource = 5\n')
+    assert pruner_options(Overrides(max_epochs=3).apply(load_spec(path)))["max_resource"] == 5  # given: kept
 
 
 BAD = [

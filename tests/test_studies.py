@@ -13,9 +13,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from hpo.data import DATASETS, load_dataset
 from hpo.run import main
-from hpo.spec import DataSection, load_spec
+from hpo.studyfile.names import DATASETS
+from hpo.studyfile.spec import DataSection, load_spec
+from hpo.training.datasets import load_dataset
 
 pytestmark = pytest.mark.slow
 

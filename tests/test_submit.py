@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpo.submit import main, run_arguments, slurm_minutes
+from hpo.submit import main, queued_run, slurm_minutes
 
 
 @pytest.mark.parametrize(
@@ -58,9 +58,11 @@ def test_queued_arguments_name_files_absolutely_and_leave_the_storage_to_the_env
     if not url:
         pytest.skip("HPO_TEST_POSTGRES_URL is not set (.ci/run sets it)")
     monkeypatch.chdir(tmp_path)
-    argv, storage, source = run_arguments(["--study", "quick", f"--storage={url}", "--n-trials", "4", "--checkpoint-dir", "ck"])
-    assert storage == url and source == "--storage"
-    assert not any("storage" in arg or url in arg for arg in argv)
+    queued = queued_run(["--study", "quick", f"--storage={url}", "--n-trials", "4", "--checkpoint-dir", "ck"])
+    assert queued.storage_url == url
+    argv = queued.task_argv(index=3, device="cpu")
+    assert not any(arg == "--storage" or arg.startswith("--storage=") or url in arg for arg in argv)
+    assert argv[-4:] == ["--device", "cpu", "--worker-index", "3"]
     assert argv[argv.index("--checkpoint-dir") + 1] == str(tmp_path / "ck")
     study = Path(argv[argv.index("--study") + 1])
     assert study.is_absolute() and study.name == "quick.toml" and study.is_file()
@@ -81,3 +83,30 @@ def test_no_sbatch_here_is_exit_code_3(tmp_path: Path) -> None:
     )
     assert done.returncode == 3, done.stderr
     assert done.stderr == "hpo.submit: error: sbatch not found: run hpo.submit on a Slurm login node\n"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["slurm", "--help"]])
+def test_help_is_shown_without_hpo_run_arguments(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m hpo.submit")
+    assert ("--workers" in out) == (argv[0] == "slurm")
+
+
+def test_every_task_runs_hpo_run_with_its_own_index_and_the_sbatch_script_adds_the_same_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """slurm/hpo-array.sbatch runs hpo.launching.array_task, which adds hpo.run's task flags as hpo.submit does."""
+    from hpo.launching import array_task
+
+    execs: list[list[str]] = []
+    monkeypatch.setattr(array_task.os, "execv", lambda path, argv: execs.append(list(argv)))
+    monkeypatch.setattr(array_task.sys, "argv", ["array_task", "--study", "quick", "--n-trials", "4"])
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("HPO_DEVICE", "cpu")
+    array_task.main()
+    assert execs == [[sys.executable, "-m", "hpo.run", "--study", "quick", "--n-trials", "4", "--device", "cpu", "--worker-index", "5"]]
+    script = (Path(__file__).resolve().parent.parent / "slurm" / "hpo-array.sbatch").read_text()
+    assert '-m hpo.launching.array_task "$@"' in script

@@ -17,7 +17,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import hpo.objective
+import hpo.tuning.objective
 from conftest import write_study
 from faults import running_with_epochs, server_url, wait_for
 from hpo.run import main
@@ -161,8 +161,8 @@ def test_sigterm_to_the_launcher_stops_every_worker(tmp_path: Path, archive: Pat
 
 
 def _fail_first_trial(monkeypatch: pytest.MonkeyPatch, make_failure: Callable[..., None]) -> None:
-    """Wrap hpo.objective.fit so that the first trial meets ``make_failure`` and the rest train normally."""
-    real_fit = hpo.objective.fit
+    """Wrap hpo.tuning.objective.fit so that the first trial meets ``make_failure`` and the rest train normally."""
+    real_fit = hpo.tuning.objective.fit
     calls: list[int] = []
 
     def fit(model, data, config, on_epoch_end, **kwargs):  # type: ignore[no-untyped-def]
@@ -171,7 +171,7 @@ def _fail_first_trial(monkeypatch: pytest.MonkeyPatch, make_failure: Callable[..
             return make_failure(model, data, config, on_epoch_end, real_fit=real_fit, **kwargs)
         return real_fit(model, data, config, on_epoch_end, **kwargs)
 
-    monkeypatch.setattr(hpo.objective, "fit", fit)
+    monkeypatch.setattr(hpo.tuning.objective, "fit", fit)
 
 
 def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(

@@ -13,7 +13,7 @@ A hyperparameter missing from ``[space]`` keeps its default.
 
 To add a hyperparameter, declare it as a field of :class:`Hyperparameters` (type, default, domain,
 one-line description, the models it shapes, the condition under which it applies), write the code
-that acts on it (reading ``hp.<name>`` in hpo.models or hpo.train) and a reach test, and regenerate
+that acts on it (reading ``hp.<name>`` in hpo.training) and a reach test, and regenerate
 the README table with :func:`readme_table`.
 """
 
@@ -23,10 +23,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
-if TYPE_CHECKING:
-    import optuna
+from hpo.studyfile.names import CONFIGURABLE_MODELS
 
 Value = Union[int, float, str, bool]
 
@@ -102,8 +101,8 @@ BOOLEAN = Domain(lambda v: True, "be true or false", "true/false")  # the type c
 # Odd sizes only: padding = k // 2 then keeps the spatial size exactly.
 ODD_KERNEL = Domain(lambda v: v in (1, 3, 5, 7, 9, 11), "be an odd size from 1 to 11", "odd {kind} 1..11")
 
-# Models whose builders read a hyperparameter; None: every model (see hpo.models.MODELS).
-CNN = ("cnn",)
+# The models whose builders read the architecture hyperparameters below (hpo.studyfile.names).
+CNN = CONFIGURABLE_MODELS
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,7 @@ class Hyperparameters:
     dropout: float = _declare(0.0, FRACTION, "dropout before each linear layer", models=CNN)
     optimizer: str = _declare("adamw", _one_of(*OPTIMIZERS), "the optimizer")
     momentum: float = _declare(0.9, FRACTION, "momentum of sgd and rmsprop", only_when=("optimizer", ("sgd", "rmsprop")))
-    # Architecture of the configurable CNN (see hpo.models.conv_net).
+    # Architecture of the configurable CNN (see hpo.training.models.conv_net).
     stride: int = _declare(1, _one_of(1, 2), "stride of every conv", models=CNN)
     pool: str = _declare(
         "max", _one_of(*POOLS), "2x2 pool after every conv (rounding up: a 1 px map stays 1 px)", models=CNN
@@ -240,7 +239,7 @@ PARAMETERS: Mapping[str, Parameter] = _parameters()
 
 
 def applies_to(name: str, model: str) -> bool:
-    """Whether hyperparameter ``name`` shapes ``model`` (a key of hpo.models.MODELS)."""
+    """Whether hyperparameter ``name`` shapes ``model`` (a key of hpo.studyfile.names.MODELS)."""
     models = PARAMETERS[name].models
     return models is None or model in models
 
@@ -410,23 +409,6 @@ def grid(space: SearchSpace) -> dict[str, tuple[Value, ...]]:
             count = math.floor((dist.high - dist.low) / dist.step + 1e-9)
             values[name] = tuple(round(dist.low + i * dist.step, 12) for i in range(count + 1))
     return values
-
-
-def suggest(trial: optuna.Trial, space: SearchSpace) -> Hyperparameters:
-    """Sample one configuration; a conditional hyperparameter is sampled only when it applies."""
-    values: dict[str, Value] = {}
-    for name, dist in space.entries:
-        condition = PARAMETERS[name].only_when
-        applies = condition is None or values[condition[0]] in condition[1]
-        if isinstance(dist, Fixed) or not applies:
-            values[name] = dist.value if isinstance(dist, Fixed) else PARAMETERS[name].default
-        elif isinstance(dist, FloatRange):
-            values[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
-        elif isinstance(dist, IntRange):
-            values[name] = trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
-        else:
-            values[name] = trial.suggest_categorical(name, dist.choices)  # type: ignore[arg-type]
-    return Hyperparameters(**values)  # type: ignore[arg-type]
 
 
 def from_params(params: Mapping[str, Value], space: SearchSpace) -> Hyperparameters:

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from hpo.errors import SpecError, UsageError
-from hpo.space import PARAMETERS, SearchSpace, applies_to, grid, parse_space
+from hpo.studyfile import names
+from hpo.studyfile.samplers import (
+    PRUNERS,
+    SAMPLERS,
+    GridSamplerSpec,
+    PrunerSpec,
+    SamplerSpec,
+)
+from hpo.studyfile.space import PARAMETERS, SearchSpace, applies_to, grid, parse_space
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -28,6 +36,15 @@ def check_device(device: str) -> str | None:
     if _DEVICE.match(device):
         return None
     return f"must be auto, cpu, cuda, cuda:N or mps, got {device!r}"
+
+
+# Each metric's direction, fixed by its meaning.
+DIRECTIONS: Mapping[str, str] = {"val_loss": "minimize", "val_accuracy": "maximize"}
+
+
+def direction_sign(direction: str) -> float:
+    """+1 for "minimize", -1 for "maximize": the best of many values is the least ``sign x value``."""
+    return 1.0 if direction == "minimize" else -1.0
 
 
 @dataclass(frozen=True)
@@ -42,7 +59,7 @@ class StudySection:
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ValueError("name must not be empty")
-        expected = "minimize" if self.metric == "val_loss" else "maximize"
+        expected = DIRECTIONS[self.metric]
         if self.direction is None:
             object.__setattr__(self, "direction", expected)
         elif self.direction != expected:
@@ -53,8 +70,8 @@ class StudySection:
 
 @dataclass(frozen=True)
 class DataSection:
-    # A key of hpo.data.DATASETS (kept torch-free here; a test checks that the two agree).
-    dataset: Literal["cifar10", "cifar100", "mnist", "fashion_mnist", "image_folder"] = "cifar10"
+    # A key of hpo.studyfile.names.DATASETS.
+    dataset: str = "cifar10"
     # Folder torchvision downloads into, a folder with train/<class>/ and test/<class>/ images,
     # or a .tar.gz of such a folder. Relative paths are relative to the working directory.
     data_dir: str = "data"
@@ -74,6 +91,7 @@ class DataSection:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_name("dataset", self.dataset, names.DATASETS)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         for key in ("train_subset", "val_subset"):
@@ -109,182 +127,16 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    # A key of hpo.models.MODELS (kept torch-free here; a test checks that the two agree).
-    name: Literal["cnn", "resnet18", "resnet9"] = "cnn"
-
-
-@dataclass(frozen=True)
-class TpeSamplerSpec:
-    # Stated explicitly: defaults differ between Optuna 4 and 5.
-    n_startup_trials: int = 10
-    multivariate: bool = True
-    constant_liar: bool = True
-    # Multivariate TPE per group of hyperparameters that occur together: for conditional spaces.
-    group: bool = False
+    # A key of hpo.studyfile.names.MODELS, whose builders hpo.training.models registers.
+    name: str = "cnn"
 
     def __post_init__(self) -> None:
-        _at_least(self, n_startup_trials=0)
-        if self.group and not self.multivariate:
-            raise ValueError("group = true needs multivariate = true")
+        _check_name("name", self.name, names.MODELS)
 
 
-@dataclass(frozen=True)
-class RandomSamplerSpec:
-    pass
-
-
-@dataclass(frozen=True)
-class GridSamplerSpec:
-    """Every combination of the [space] choices and int ranges (float ranges need a step)."""
-
-
-@dataclass(frozen=True)
-class CmaEsSamplerSpec:
-    # Random trials before CMA-ES starts; categorical hyperparameters are always sampled at random.
-    n_startup_trials: int = 1
-    # Initial step size (None: Optuna's, a sixth of each range).
-    sigma0: float | None = None
-    # Keeps int and stepped hyperparameters from getting stuck on one value (CMA-ES with margin).
-    with_margin: bool = False
-    # Learning-rate adaptation, for noisy objectives.
-    lr_adapt: bool = False
-    popsize: int | None = None
-    consider_pruned_trials: bool = False
-
-    def __post_init__(self) -> None:
-        _at_least(self, n_startup_trials=0, popsize=2)
-        if self.sigma0 is not None and not self.sigma0 > 0:
-            raise ValueError(f"sigma0 must be > 0, got {self.sigma0!r}")
-
-
-@dataclass(frozen=True)
-class GpSamplerSpec:
-    # Random trials before the Gaussian process takes over.
-    n_startup_trials: int = 10
-    deterministic_objective: bool = False
-
-    def __post_init__(self) -> None:
-        _at_least(self, n_startup_trials=0)
-
-
-@dataclass(frozen=True)
-class QmcSamplerSpec:
-    qmc_type: Literal["sobol", "halton"] = "sobol"
-    # Scrambled with the study seed; unscrambled sequences are the same in every study.
-    scramble: bool = False
-
-
-@dataclass(frozen=True)
-class MedianPrunerSpec:
-    # Trials that finish before any pruning happens, epochs before a trial may be pruned,
-    # and how often (in epochs) the check runs.
-    n_startup_trials: int = 5
-    n_warmup_steps: int = 0
-    interval_steps: int = 1
-
-    def __post_init__(self) -> None:
-        _at_least(self, n_startup_trials=0, n_warmup_steps=0, interval_steps=1)
-
-
-@dataclass(frozen=True)
-class PercentilePrunerSpec:
-    # Prune a trial whose epoch value is worse than this percentile (0..100) of the others' at that epoch.
-    percentile: float = 25.0
-    n_startup_trials: int = 5
-    n_warmup_steps: int = 0
-    interval_steps: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.percentile <= 100:
-            raise ValueError(f"percentile must be from 0 to 100, got {self.percentile!r}")
-        _at_least(self, n_startup_trials=0, n_warmup_steps=0, interval_steps=1)
-
-
-@dataclass(frozen=True)
-class SuccessiveHalvingPrunerSpec:
-    # None lets Optuna estimate min_resource from the first finished trial ("auto").
-    min_resource: int | None = None
-    reduction_factor: int = 4
-    min_early_stopping_rate: int = 0
-
-    def __post_init__(self) -> None:
-        _at_least(self, min_resource=1, reduction_factor=2, min_early_stopping_rate=0)
-
-
-@dataclass(frozen=True)
-class HyperbandPrunerSpec:
-    # Epochs; max_resource None means the study's max_epochs.
-    min_resource: int = 1
-    max_resource: int | None = None
-    reduction_factor: int = 3
-
-    def __post_init__(self) -> None:
-        _at_least(self, min_resource=1, max_resource=1, reduction_factor=2)
-
-
-@dataclass(frozen=True)
-class PatientPrunerSpec:
-    # Prune once the metric has not improved by more than min_delta for patience epochs in a row.
-    patience: int = 3
-    min_delta: float = 0.0
-
-    def __post_init__(self) -> None:
-        _at_least(self, patience=0)
-        if self.min_delta < 0:
-            raise ValueError(f"min_delta must be >= 0, got {self.min_delta!r}")
-
-
-@dataclass(frozen=True)
-class ThresholdPrunerSpec:
-    # Prune a trial whose epoch value falls below lower or rises above upper (in metric units).
-    lower: float | None = None
-    upper: float | None = None
-    n_warmup_steps: int = 0
-    interval_steps: int = 1
-
-    def __post_init__(self) -> None:
-        if self.lower is None and self.upper is None:
-            raise ValueError("give lower, upper or both")
-        if self.lower is not None and self.upper is not None and not self.lower < self.upper:
-            raise ValueError(f"lower must be < upper, got lower={self.lower!r} upper={self.upper!r}")
-        _at_least(self, n_warmup_steps=0, interval_steps=1)
-
-
-@dataclass(frozen=True)
-class NopPrunerSpec:
-    pass
-
-
-SamplerSpec = Union[
-    TpeSamplerSpec, RandomSamplerSpec, GridSamplerSpec, CmaEsSamplerSpec, GpSamplerSpec, QmcSamplerSpec
-]
-PrunerSpec = Union[
-    MedianPrunerSpec,
-    PercentilePrunerSpec,
-    SuccessiveHalvingPrunerSpec,
-    HyperbandPrunerSpec,
-    PatientPrunerSpec,
-    ThresholdPrunerSpec,
-    NopPrunerSpec,
-]
-
-SAMPLERS: Mapping[str, type] = {
-    "tpe": TpeSamplerSpec,
-    "random": RandomSamplerSpec,
-    "grid": GridSamplerSpec,
-    "cmaes": CmaEsSamplerSpec,
-    "gp": GpSamplerSpec,
-    "qmc": QmcSamplerSpec,
-}
-PRUNERS: Mapping[str, type] = {
-    "median": MedianPrunerSpec,
-    "percentile": PercentilePrunerSpec,
-    "successive_halving": SuccessiveHalvingPrunerSpec,
-    "hyperband": HyperbandPrunerSpec,
-    "patient": PatientPrunerSpec,
-    "threshold": ThresholdPrunerSpec,
-    "none": NopPrunerSpec,
-}
+def _check_name(key: str, value: str, table: Mapping[str, object]) -> None:
+    if value not in table:
+        raise ValueError(f"{key} must be one of {', '.join(repr(n) for n in table)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -330,13 +182,6 @@ class Overrides:
                 except ValueError as exc:  # the section's own check, as for the study file
                     raise UsageError(f"argument {flag}: {exc}") from None
         return dataclasses.replace(spec, study=study, data=data, train=train)
-
-
-def _at_least(section: object, **minimum: int) -> None:
-    for key, low in minimum.items():
-        value = getattr(section, key)
-        if value is not None and value < low:
-            raise ValueError(f"{key} must be >= {low}, got {value!r}")
 
 
 def _matches(value: object, annotation: Any) -> bool:
@@ -415,9 +260,9 @@ def load_spec(path: Path) -> StudySpec:
     study_table.setdefault("name", path.stem)
     train = _build(TrainSection, raw.get("train", {}), f"{path}: [train]")
     # Without a [pruner] table: successive halving, the winner of bench/search.py (README, "Choosing sampler and pruner").
+    # Hyperband's max_resource, when not given, is filled in from max_epochs when the pruner is made
+    # (hpo.tuning.study), after --max-epochs has replaced the file's.
     pruner = _typed_section(PRUNERS, {"type": DEFAULT_PRUNER, **raw.get("pruner", {})}, f"{path}: [pruner]")
-    if isinstance(pruner, HyperbandPrunerSpec) and pruner.max_resource is None:
-        pruner = dataclasses.replace(pruner, max_resource=train.max_epochs)
     try:
         space = parse_space(raw.get("space", {}))
     except ValueError as exc:
@@ -449,7 +294,7 @@ def load_spec(path: Path) -> StudySpec:
 
 def studies_dirs() -> tuple[Path, ...]:
     """Where ``--study NAME`` looks: ./studies, then the studies/ folder shipped beside the package."""
-    shipped = Path(__file__).resolve().parent.parent / "studies"
+    shipped = Path(__file__).resolve().parents[2] / "studies"  # hpo/studyfile/spec.py → the repository root
     local = Path("studies").resolve()
     return (local,) if local == shipped else (local, shipped)
 

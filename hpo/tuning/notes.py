@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hpo.spec import MedianPrunerSpec, PercentilePrunerSpec, PrunerSpec
+from hpo.studyfile.samplers import MedianPrunerSpec, PercentilePrunerSpec, PrunerSpec
 
 if TYPE_CHECKING:
     import optuna

@@ -1,28 +1,17 @@
 """One worker process: runs trials of a study until the study holds its budget of finished trials.
 
-The budget is the study's, shared by every worker on every machine.  Before each trial a worker
-counts finished (COMPLETE, PRUNED) trials and trials that hold a place (RUNNING, WAITING): it starts
-a trial only while they leave room, waits while running trials may still fill the budget (one of
-them may die and be re-queued), and stops once the finished trials reach it.  Two workers that
-start a trial in the same instant can both see room; the later one's trial then fails at once with
-``fail_reason`` "surplus…" before training, so the study never ends with more finished trials than
-the budget.
-
-The loop is Optuna's ask-and-tell, so that every storage call goes through a ``StorageGuard`` and a
-database restart or a cut network pauses the worker instead of ending it.  For the same reason the
-running trial's heartbeat is a thread of ours (it keeps beating through and after an outage), and
-stale trials are reaped only by our ``Reaper``, which lets one grace period pass after an outage
-before it judges anyone dead: nobody could write a heartbeat while the storage was away.
+The budget rule is :mod:`hpo.tuning.budget`'s.  The loop is Optuna's ask-and-tell, so that every
+storage call goes through a ``StorageGuard`` and a database restart or a cut network pauses the
+worker instead of ending it.  For the same reason the running trial's heartbeat and the reaper of
+stale trials are threads of ours (:mod:`hpo.tuning.heartbeat`).
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import signal
 import socket
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,16 +22,16 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.errors import StorageUnavailable, Terminated
-from hpo.objective import TrialAbandoned, TrialFailed
-from hpo.outage import StorageGuard, reason
-from hpo.study import FINISHED_STATES, retry_callback
+from hpo.tuning.budget import Next, Tally
+from hpo.tuning.heartbeat import Heartbeat, Reaper
+from hpo.tuning.objective import TrialAbandoned, TrialFailed
+from hpo.tuning.outage import StorageGuard
+from hpo.tuning.storage import retry_callback
 
 logger = logging.getLogger(__name__)
 
 # Seconds between looks at the study while running trials of other workers may fill the budget.
 POLL_S = 1.0
-# Seconds between heartbeat tries while the storage is away, so that the beat resumes promptly.
-HEARTBEAT_RETRY_S = 1.0
 
 TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
@@ -73,92 +62,6 @@ class StopRequest:
     def raise_now(self) -> NoReturn:
         self.in_training = False
         raise Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-class _StoppableThread(threading.Thread):
-    """A daemon thread whose loop waits on ``_stop_event``; ``stop()`` ends it."""
-
-    def __init__(self, *, name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
-class Heartbeat(_StoppableThread):
-    """Writes the running trial's heartbeat every ``interval`` seconds, through outages too.
-
-    A beat that fails is tried again every HEARTBEAT_RETRY_S seconds; the thread never ends on an
-    error, so a trial is never judged dead while its worker lives and the storage can be reached.
-    """
-
-    def __init__(self, *, storage: optuna.storages.RDBStorage, trial_id: int, interval: float, guard: StorageGuard) -> None:
-        super().__init__(name="hpo-heartbeat")
-        self.storage = storage
-        self.trial_id = trial_id
-        self.interval = interval
-        self.guard = guard
-
-    def run(self) -> None:
-        while True:
-            try:
-                beaten, _ = self.guard.attempt("write a heartbeat", lambda: self.storage.record_heartbeat(self.trial_id))
-            except Exception as exc:  # not an outage, but the trial must go on; the next beat tries again
-                logger.warning("heartbeat failed: %s", reason(exc))
-                beaten = False
-            if self._stop_event.wait(self.interval if beaten else min(self.interval, HEARTBEAT_RETRY_S)):
-                return
-
-    def stop(self) -> None:
-        super().stop()
-        self.join()  # gone before the next trial starts a heartbeat of its own
-
-
-class Reaper(_StoppableThread):
-    """Marks trials of dead workers FAIL (Optuna's retry callback then re-queues them) every ``interval`` s.
-
-    Optuna reaps stale trials only when a worker starts a new trial; this thread does it even while
-    every live worker is busy with a long trial.  After an outage it waits ``grace_period`` seconds
-    before reaping, so that live workers have written a heartbeat again.  It also re-queues orphans:
-    trials a worker created but never claimed (a storage failure in the middle of ``study.ask``),
-    which have no heartbeat and would otherwise hold a place in the budget forever.
-    """
-
-    def __init__(self, *, study: optuna.Study, guard: StorageGuard, interval: float, grace_period: float) -> None:
-        super().__init__(name="hpo-reaper")
-        self.study = study
-        self.guard = guard
-        self.interval = interval
-        self.grace_period = grace_period
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            if self.guard.down_within(self.grace_period):
-                continue
-            try:
-                self.guard.attempt("reap stale trials", self.reap)
-            except Exception as exc:  # a bad round must not end the thread; the next one tries again
-                logger.warning("reaping stale trials failed: %s", reason(exc))
-
-    def reap(self) -> None:
-        optuna.storages.fail_stale_trials(self.study)
-        oldest = datetime.datetime.now() - datetime.timedelta(seconds=self.grace_period)
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            claimed = trial.user_attrs.get("worker", {}).get("trial") == trial.number
-            if claimed or trial.datetime_start is None or trial.datetime_start > oldest:
-                continue
-            failed = self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            if failed.state == TrialState.FAIL:
-                logger.warning("trial %d was never claimed by a worker: marked FAIL and re-queued", trial.number)
-                retry_callback()(self.study, failed)
-
-
-def _counts(study: optuna.Study) -> dict[TrialState, int]:
-    counts = {state: 0 for state in TrialState}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state] += 1
-    return counts
 
 
 def _log_result(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -303,32 +206,35 @@ def run_worker(
         callbacks=callbacks,
     )
     previous = {signum: signal.signal(signum, worker.stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    deadline = None if timeout is None else time.monotonic() + timeout
     reaper = None
     if heartbeat_interval:
         reaper = Reaper(study=study, guard=guard, interval=heartbeat_interval, grace_period=grace_period)
         reaper.start()
-    ran = 0
-    waiting_logged = False
     try:
-        while deadline is None or time.monotonic() < deadline:
-            worker.stop.raise_if_requested()
-            counts = guard.call("count the study's trials", lambda: _counts(study))
-            finished = sum(counts[s] for s in FINISHED_STATES)
-            if finished >= budget:
-                break
-            if counts[TrialState.WAITING] == 0 and finished + counts[TrialState.RUNNING] >= budget:
-                if not waiting_logged:
-                    logger.info("budget taken by running trials; waiting in case one of them dies")
-                    waiting_logged = True
-                time.sleep(POLL_S)
-                continue
-            waiting_logged = False
-            worker.run_one()
-            ran += 1
+        return _loop(worker, budget=budget, deadline=None if timeout is None else time.monotonic() + timeout)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if reaper is not None:
             reaper.stop()
+
+
+def _loop(worker: _Worker, *, budget: int, deadline: float | None) -> int:
+    """Start trials while the budget leaves room, until it is met or ``deadline`` (monotonic s) passes."""
+    ran = 0
+    waiting_logged = False
+    while deadline is None or time.monotonic() < deadline:
+        worker.stop.raise_if_requested()
+        step = worker.guard.call("count the study's trials", lambda: Tally.of(worker.study)).next(budget)
+        if step is Next.STOP:
+            break
+        if step is Next.WAIT:
+            if not waiting_logged:
+                logger.info("budget taken by running trials; waiting in case one of them dies")
+                waiting_logged = True
+            time.sleep(POLL_S)
+            continue
+        waiting_logged = False
+        worker.run_one()
+        ran += 1
     return ran

@@ -17,21 +17,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
 import optuna
 
 from hpo.errors import Terminated
-from hpo.study import FINISHED_STATES
+from hpo.launching.run_args import STOP_GRACE_S, run_command
+from hpo.tuning.budget import FINISHED_STATES
 
 logger = logging.getLogger(__name__)
 
 # Seconds between looks at the study for the combined progress bar.
 PROGRESS_POLL_S = 2.0
-# Seconds workers get to fail and re-queue their trials after a stop signal before they are killed.
-STOP_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -46,16 +45,13 @@ class WorkerSpec:
 
 
 def plan_workers(
-    *, gpus: Sequence[str], per_gpu: int, common_argv: Sequence[str]
+    *, gpus: Sequence[str], per_gpu: int, argv: Callable[..., list[str]]
 ) -> tuple[WorkerSpec, ...]:
-    """One worker per GPU and slot; with no GPU, ``per_gpu`` CPU workers."""
+    """One worker per GPU and slot; with no GPU, ``per_gpu`` CPU workers.  ``argv(index=, device=)`` is each
+    worker's hpo.run arguments (:func:`hpo.launching.run_args.worker_argv` with the request bound)."""
     slots: list[str | None] = [gpu for gpu in gpus for _ in range(per_gpu)] or [None] * per_gpu
     return tuple(
-        WorkerSpec(
-            index=i,
-            gpu=gpu,
-            argv=(*common_argv, "--device", "cpu" if gpu is None else "cuda", "--worker-index", str(i)),
-        )
+        WorkerSpec(index=i, gpu=gpu, argv=tuple(argv(index=i, device="cpu" if gpu is None else "cuda")))
         for i, gpu in enumerate(slots)
     )
 
@@ -123,7 +119,7 @@ def launch(
     pumps: list[threading.Thread] = []
     for worker in workers:
         process = subprocess.Popen(
-            [sys.executable, "-m", "hpo.run", *worker.argv],
+            run_command(worker.argv),
             env=_worker_env(worker, storage_url=storage_url, cpu_workers=cpu_workers),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -10,14 +10,13 @@ finished trial at all, gets a report too.
 from __future__ import annotations
 
 import csv
-import dataclasses
-import datetime
 import html
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
+
+from hpo.results.summary import Summary, Value, best_text, format_value, states_text, summarize
 
 if TYPE_CHECKING:
     import optuna
@@ -25,40 +24,6 @@ if TYPE_CHECKING:
 
 # The pair the contour figure shows: the two hyperparameters that interact most in practice.
 CONTOUR_PARAMS = ("lr", "batch_size")
-
-Value = Union[int, float, str]
-
-
-@dataclass(frozen=True)
-class BestTrial:
-    number: int
-    value: float
-    params: Mapping[str, Value]
-    val_accuracy: float | None  # at the best epoch, fraction in [0, 1]
-    best_epoch: int | None
-
-
-@dataclass(frozen=True)
-class Summary:
-    """The report's table, and ``summary.json``."""
-
-    study: str
-    storage: str  # password shown as ***
-    metric: str
-    direction: str
-    generated_at: str  # ISO 8601, UTC
-    trials: int
-    states: Mapping[str, int]  # every Optuna trial state → count
-    best: BestTrial | None
-    max_epochs: int  # per trial, from the study file or --max-epochs
-    # Over finished (complete and pruned) trials: epochs reported, and finished trials x max_epochs.
-    epochs_trained: int
-    epochs_without_pruning: int
-    epochs_saved_fraction: float  # 1 - trained / without pruning; 0 with no finished trial
-    training_seconds: float  # sum of the finished trials' wall-clock durations
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
 
 @dataclass(frozen=True)
@@ -69,44 +34,6 @@ class Section:
     caption: str
     figure: go.Figure | None
     missing: str | None = None
-
-
-def summarize(study: optuna.Study, *, storage_shown: str, metric: str, max_epochs: int) -> Summary:
-    from optuna.trial import TrialState
-
-    from hpo.study import FINISHED_STATES
-
-    trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in FINISHED_STATES]
-    best = None
-    if any(t.state == TrialState.COMPLETE for t in trials):
-        trial = study.best_trial
-        accuracy = trial.user_attrs.get("val_accuracy")
-        epoch = trial.user_attrs.get("best_epoch")
-        best = BestTrial(
-            number=trial.number,
-            value=float(trial.value),  # type: ignore[arg-type]
-            params=dict(trial.params),
-            val_accuracy=accuracy if isinstance(accuracy, float) else None,
-            best_epoch=epoch if isinstance(epoch, int) else None,
-        )
-    trained = sum(len(t.intermediate_values) for t in finished)
-    without = len(finished) * max_epochs
-    return Summary(
-        study=study.study_name,
-        storage=storage_shown,
-        metric=metric,
-        direction=study.direction.name.lower(),
-        generated_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        trials=len(trials),
-        states={state.name: sum(t.state == state for t in trials) for state in TrialState},
-        best=best,
-        max_epochs=max_epochs,
-        epochs_trained=trained,
-        epochs_without_pruning=without,
-        epochs_saved_fraction=1 - trained / without if without else 0.0,
-        training_seconds=sum(t.duration.total_seconds() for t in finished if t.duration is not None),
-    )
 
 
 def _searched_values(trials: Sequence[optuna.trial.FrozenTrial], name: str) -> set[Value]:
@@ -160,7 +87,7 @@ def sections(study: optuna.Study, *, metric: str) -> list[Section]:
 
 def trial_rows(study: optuna.Study) -> tuple[list[str], list[dict[str, object]]]:
     """(columns, one row per trial): hyperparameters and user attrs under their own names."""
-    from hpo.space import PARAMETERS
+    from hpo.studyfile.space import PARAMETERS
 
     trials = study.get_trials(deepcopy=False)
     params = {name for t in trials for name in t.params}
@@ -192,29 +119,20 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, ob
         writer.writerows(rows)  # None is written as an empty field
 
 
-def _format(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def _table(rows: Sequence[tuple[str, str]]) -> str:
     cells = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>" for key, value in rows)
     return f"<table>{cells}</table>"
 
 
 def summary_html(summary: Summary) -> str:
-    states = ", ".join(f"{name} {count}" for name, count in summary.states.items() if count) or "none"
     rows = [
         ("study", f"{summary.study} in {summary.storage}"),
         ("objective", f"{summary.metric} ({summary.direction})"),
-        ("trials", f"{summary.trials}: {states}"),
+        ("trials", f"{summary.trials}: {states_text(summary)}"),
+        ("best trial", best_text(summary)),
     ]
-    if summary.best is None:
-        rows.append(("best trial", "no completed trial yet"))
-    else:
-        best = summary.best
-        accuracy = f", val_accuracy {best.val_accuracy:.2%}" if best.val_accuracy is not None else ""
-        rows.append(("best trial", f"#{best.number}: {summary.metric} {best.value:.4f}{accuracy} at epoch {best.best_epoch}"))
-        rows += [(f"  {name}", _format(value)) for name, value in best.params.items()]
+    if summary.best is not None:
+        rows += [(f"  {name}", format_value(value)) for name, value in summary.best.params.items()]
     rows += [
         ("epochs trained", f"{summary.epochs_trained} by the finished trials"),
         (
@@ -263,18 +181,7 @@ class ReportFiles:
     page: Path  # report.html
     trials: Path  # trials.csv
     summary: Path  # summary.json
-
-
-def report_study(
-    study: optuna.Study, out: Path, *, storage_shown: str, metric: str, max_epochs: int
-) -> tuple[Summary, ReportFiles]:
-    """Write the report of ``study`` into the folder ``out`` (which must exist and be writable)."""
-    summary = summarize(study, storage_shown=storage_shown, metric=metric, max_epochs=max_epochs)
-    files = ReportFiles(page=out / "report.html", trials=out / "trials.csv", summary=out / "summary.json")
-    files.page.write_text(render_html(summary, sections(study, metric=metric)), encoding="utf-8")
-    write_csv(files.trials, *trial_rows(study))
-    files.summary.write_text(summary.to_json(), encoding="utf-8")
-    return summary, files
+    study_summary: Summary  # what the page's table and summary.json say
 
 
 def write_report(
@@ -292,7 +199,7 @@ def write_report(
     in (give a URL without its password).
     """
     from hpo.folders import writable_folder
-    from hpo.spec import spec_for_study
+    from hpo.studyfile.spec import spec_for_study
 
     metric = study.metric_names[0] if study.metric_names else None
     if max_epochs is None or metric is None:
@@ -301,4 +208,11 @@ def write_report(
         metric = spec.study.metric if metric is None else metric
     folder = Path(out)
     writable_folder(folder, "out")
-    return report_study(study, folder, storage_shown=storage_shown, metric=metric, max_epochs=max_epochs)[1]
+    summary = summarize(study, storage_shown=storage_shown, metric=metric, max_epochs=max_epochs)
+    files = ReportFiles(
+        page=folder / "report.html", trials=folder / "trials.csv", summary=folder / "summary.json", study_summary=summary
+    )
+    files.page.write_text(render_html(summary, sections(study, metric=metric)), encoding="utf-8")
+    write_csv(files.trials, *trial_rows(study))
+    files.summary.write_text(summary.to_json(), encoding="utf-8")
+    return files

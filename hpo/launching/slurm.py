@@ -28,11 +28,11 @@ from pathlib import Path
 
 import submitit
 
+from hpo.launching.run_args import STOP_GRACE_S, run_command
+
 # Seconds before the time limit at which Slurm warns a task with SIGUSR2: time to stop hpo.run
 # (its trial failed and re-queued) and re-queue the task.
 SIGNAL_DELAY_S = 120
-# Seconds hpo.run gets to fail and re-queue its running trial after SIGTERM.
-STOP_GRACE_S = 60
 # Seconds between looks at whether hpo.run has exited.
 POLL_S = 1.0
 # Times a task is re-queued after reaching its time limit.
@@ -72,7 +72,7 @@ class WorkerTask(submitit.helpers.Checkpointable):
         self._process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
-        return [self.python, "-m", "hpo.run", *self.run_argv]
+        return run_command(self.run_argv, python=self.python)
 
     def __call__(self) -> int:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -114,13 +114,8 @@ def _ignore_time_limit_warning() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def worker_argv(run_argv: Sequence[str], *, index: int, gpus_per_worker: int) -> tuple[str, ...]:
-    """The hpo.run arguments of array task ``index``: its own sampler seed, and its device."""
-    return (*run_argv, "--device", "cuda" if gpus_per_worker else "cpu", "--worker-index", str(index))
-
-
-def submit_array(request: SlurmRequest, *, run_argv: Sequence[str], storage_url: str) -> SubmittedArray:
-    """Queue ``request.workers`` tasks, each running hpo.run with ``run_argv`` against ``storage_url``.
+def submit_array(request: SlurmRequest, *, task_argvs: Sequence[Sequence[str]], storage_url: str) -> SubmittedArray:
+    """Queue one array task per entry of ``task_argvs`` (hpo.run's arguments for that task) against ``storage_url``.
 
     Raises ``submitit.core.utils.FailedJobError`` when sbatch refuses the job, ``FileNotFoundError``
     when there is no sbatch here.
@@ -141,10 +136,7 @@ def submit_array(request: SlurmRequest, *, run_argv: Sequence[str], storage_url:
         **({"mem": request.mem} if request.mem else {}),
         **({"array_parallelism": request.max_parallel} if request.max_parallel else {}),
     )
-    tasks = [
-        WorkerTask(python=sys.executable, run_argv=worker_argv(run_argv, index=i, gpus_per_worker=request.gpus_per_worker))
-        for i in range(request.workers)
-    ]
+    tasks = [WorkerTask(python=sys.executable, run_argv=tuple(argv)) for argv in task_argvs]
     # sbatch hands its environment to the tasks (Slurm's default --export=ALL): the URL travels there.
     saved = os.environ.get("HPO_STORAGE")
     os.environ["HPO_STORAGE"] = storage_url

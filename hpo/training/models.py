@@ -1,7 +1,9 @@
-"""A registry of model names → builders of ``nn.Module`` from a trial's hyperparameters.
+"""Model builders, registered by name: ``@register_model("cnn")`` (timm-style) → ``build_model("cnn", hp, ...)``.
 
-Every builder takes ``(hp, in_channels=, num_classes=, image_size=)``.  The configurable CNN reads the
-architecture hyperparameters (those declared ``models=CNN`` in ``hpo.space``); ResNet18 and ResNet-9 are fixed architectures.
+Every builder takes ``(hp, in_channels=, num_classes=, image_size=)``.  The names, and whether
+[space] shapes a model, are declared torch-free in :mod:`hpo.studyfile.names`; a builder may only
+register a name declared there.  The configurable CNN reads the architecture hyperparameters (those
+declared ``models=CNN`` in ``hpo.studyfile.space``); ResNet18 and ResNet-9 are fixed architectures.
 The ``init`` hyperparameter applies to every model.
 """
 
@@ -13,9 +15,27 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from hpo.space import Hyperparameters
+from hpo.studyfile import names
+from hpo.studyfile.space import Hyperparameters
 
 Builder = Callable[..., nn.Module]
+
+# Registered builders by name; filled by @register_model below.
+MODELS: dict[str, Builder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Register the decorated builder under ``name``, which hpo.studyfile.names.MODELS must declare."""
+    if name not in names.MODELS:
+        raise ValueError(f"model {name!r} is not declared in hpo.studyfile.names.MODELS")
+
+    def register(builder: Builder) -> Builder:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is registered twice ({MODELS[name].__qualname__}, {builder.__qualname__})")
+        MODELS[name] = builder
+        return builder
+
+    return register
 
 _ACTIVATIONS: Mapping[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=True),
@@ -27,6 +47,7 @@ _ACTIVATIONS: Mapping[str, Callable[[], nn.Module]] = {
 }
 
 
+@register_model("cnn")
 def conv_net(hp: Hyperparameters, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """``depth`` blocks of conv → [BatchNorm] → activation → [2x2 pool] → [channel dropout].
 
@@ -71,6 +92,7 @@ def conv_net(hp: Hyperparameters, *, in_channels: int, num_classes: int, image_s
     return nn.Sequential(*layers)
 
 
+@register_model("resnet18")
 def resnet18(hp: Hyperparameters, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """torchvision's ResNet18; for images of 64 px or less, a 3x3 stride-1 stem and no max-pool.
 
@@ -116,6 +138,7 @@ class _Scale(nn.Module):
         return x * self.factor
 
 
+@register_model("resnet9")
 def resnet9(hp: Hyperparameters, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """The 9-layer ResNet of David Page's "How to train your ResNet" (DAWNBench CIFAR-10 record).
 
@@ -141,8 +164,6 @@ def resnet9(hp: Hyperparameters, *, in_channels: int, num_classes: int, image_si
     )
 
 
-MODELS: Mapping[str, Builder] = {"cnn": conv_net, "resnet18": resnet18, "resnet9": resnet9}
-
 # nn.init's name for the gain of each activation; GELU and ELU are close enough to ReLU's.
 _GAIN_NAMES: Mapping[str, str] = {
     "relu": "relu", "leaky_relu": "leaky_relu", "gelu": "relu", "elu": "relu", "tanh": "tanh", "sigmoid": "sigmoid",
@@ -167,7 +188,7 @@ def initialize(model: nn.Module, init: str, activation: str) -> None:
 def build_model(name: str, hp: Hyperparameters, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     model = MODELS[name](hp, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     # The fixed architectures use ReLU whatever hp.activation says.
-    initialize(model, hp.init, hp.activation if name == "cnn" else "relu")
+    initialize(model, hp.init, hp.activation if names.MODELS[name].configurable else "relu")
     return model
 
 

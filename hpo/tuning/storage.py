@@ -1,41 +1,25 @@
-"""Storage URL → Optuna storage; study file → sampler, pruner and the study itself."""
+"""Storage URL → Optuna's RDB storage: checked before anything is written, engines tuned per database, passwords hidden.
+
+Where a study lives: ``--storage``, else ``$HPO_STORAGE``, else ``sqlite:///hpo.db``.  Every error
+names where the URL came from and shows it with its password as ``***``.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import os
-import socket
 import sqlite3
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
-from hpo.errors import StorageError
-from hpo.outage import absorb_start_race
-from hpo.space import grid
-from hpo.spec import (
-    CmaEsSamplerSpec,
-    GpSamplerSpec,
-    GridSamplerSpec,
-    HyperbandPrunerSpec,
-    MedianPrunerSpec,
-    NopPrunerSpec,
-    PatientPrunerSpec,
-    PercentilePrunerSpec,
-    QmcSamplerSpec,
-    RandomSamplerSpec,
-    StudySpec,
-    SuccessiveHalvingPrunerSpec,
-    ThresholdPrunerSpec,
-    TpeSamplerSpec,
-)
+from hpo.errors import StorageError, first_line
+from hpo.tuning.outage import absorb_start_race
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +30,6 @@ CONNECT_TIMEOUT_S = 10
 # Seconds a server may leave a request unanswered before the connection counts as lost (Optuna's
 # queries take milliseconds to seconds; a minute of silence is a dead link).
 IO_TIMEOUT_S = 60
-# Trials finished for the budget: a pruned trial is a finished search decision too.
-FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # Times a trial whose worker died is re-queued before it is given up.
 MAX_RETRY = 3
 
@@ -186,10 +168,7 @@ def check_storage(url: str, source: str, *, writable: bool = True) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()
-        raise StorageError(
-            f"{source}: cannot connect to {redact(url)}: {reason[0] if reason else type(exc).__name__}"
-        ) from exc
+        raise StorageError(f"{source}: cannot connect to {redact(url)}: {first_line(getattr(exc, 'orig', exc))}") from exc
     finally:
         engine.dispose()
 
@@ -240,7 +219,7 @@ def open_storage(
             lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(parsed), **heartbeat),
         )
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as exc:
-        raise StorageError(f"{source}: cannot open {redact(url)}: {str(exc).splitlines()[0]}") from exc
+        raise StorageError(f"{source}: cannot open {redact(url)}: {first_line(exc)}") from exc
 
 
 def _write_ahead_logging(path: Path) -> None:
@@ -252,116 +231,12 @@ def _write_ahead_logging(path: Path) -> None:
         connection.close()
 
 
-# Each spec dataclass's fields are its Optuna class's keyword arguments, named the same.
-SAMPLER_CLASSES: dict[type, type[optuna.samplers.BaseSampler]] = {
-    TpeSamplerSpec: optuna.samplers.TPESampler,
-    RandomSamplerSpec: optuna.samplers.RandomSampler,
-    GridSamplerSpec: optuna.samplers.GridSampler,
-    CmaEsSamplerSpec: optuna.samplers.CmaEsSampler,
-    GpSamplerSpec: optuna.samplers.GPSampler,
-    QmcSamplerSpec: optuna.samplers.QMCSampler,
-}
-PRUNER_CLASSES: dict[type, type[optuna.pruners.BasePruner]] = {
-    MedianPrunerSpec: optuna.pruners.MedianPruner,
-    PercentilePrunerSpec: optuna.pruners.PercentilePruner,
-    SuccessiveHalvingPrunerSpec: optuna.pruners.SuccessiveHalvingPruner,
-    HyperbandPrunerSpec: optuna.pruners.HyperbandPruner,
-    PatientPrunerSpec: optuna.pruners.PatientPruner,
-    ThresholdPrunerSpec: optuna.pruners.ThresholdPruner,
-    NopPrunerSpec: optuna.pruners.NopPruner,
-}
-
-
-def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
-    options: dict[str, Any] = dataclasses.asdict(spec.sampler)
-    if isinstance(spec.sampler, GridSamplerSpec):
-        # Stops the study by itself once every grid point has been tried.
-        options["search_space"] = grid(spec.space)
-    return SAMPLER_CLASSES[type(spec.sampler)](**options, seed=seed)
-
-
-def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    pruner = spec.pruner
-    options: dict[str, Any] = dataclasses.asdict(pruner)
-    if isinstance(pruner, SuccessiveHalvingPrunerSpec) and pruner.min_resource is None:
-        options["min_resource"] = "auto"  # estimated from the first finished trial
-    if isinstance(pruner, HyperbandPrunerSpec) and pruner.max_resource is None:
-        options["max_resource"] = spec.train.max_epochs
-    if isinstance(pruner, PatientPrunerSpec):
-        options["wrapped_pruner"] = None  # patience alone decides
-    return PRUNER_CLASSES[type(pruner)](**options)
-
-
-def _existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.study.StudySummary | None:
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        if summary.study_name == name:
-            return summary
-    return None
-
-
-def sampler_seed(study_seed: int, *, worker_index: int, trials_so_far: int) -> int:
-    """This process's sampler seed: reproducible, yet different for every worker, host and resumed run.
-
-    With one seed for all, a resumed run or a second machine would propose the very same points
-    again (the random sampler, and TPE's random start-up trials).  Trials' own training seeds do
-    not depend on this; they come from the study seed and the trial number.
-    """
-    key = f"{study_seed}|{worker_index}|{trials_so_far}|{socket.gethostname()}"
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
-
-
 def check_existing_storage(url: str, source: str) -> None:
     """Like check_storage, and a SQLite file must exist: readers never create an empty database."""
     check_storage(url, source, writable=False)
     path = sqlite_path(url)
     if path is not None and not path.is_file():
         raise StorageError(f"{source}: no SQLite file '{path}' here (run python -m hpo.run first, or give --storage)")
-
-
-def load_existing_study(url: str, source: str, name: str, *, flag: str) -> optuna.Study:
-    """The study of that name, for reading results; never creates a database or a study."""
-    check_existing_storage(url, source)
-    storage = open_storage(url, source)
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        raise StorageError(
-            f"{flag}: no study {name!r} in {redact(url)} (studies there: {', '.join(sorted(names)) or 'none'})"
-        )
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int = 0) -> optuna.Study:
-    """Create the study, or resume it when one of that name already exists (also when another worker
-    creates it in the same instant)."""
-    return absorb_start_race("create the study", lambda: _open_study(spec, storage, worker_index=worker_index))
-
-
-def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int) -> optuna.Study:
-    direction = spec.study.direction
-    assert direction is not None
-    found = _existing(storage, spec.study.name)
-    if found is not None and found.direction.name.lower() != direction:
-        raise StorageError(
-            f"{spec.path}: [study] study {spec.study.name!r} already exists with direction "
-            f"{found.direction.name.lower()!r}, not {direction!r}; choose another name (--study-name)"
-        )
-    seed = sampler_seed(
-        spec.study.seed, worker_index=worker_index, trials_so_far=0 if found is None else found.n_trials
-    )
-    study = optuna.create_study(
-        storage=storage,
-        study_name=spec.study.name,
-        direction=direction,
-        sampler=create_sampler(spec, seed),
-        pruner=create_pruner(spec),
-        load_if_exists=True,
-    )
-    study.set_metric_names([spec.study.metric])
-    return study
-
-
-def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
 
 def default_checkpoint_dir(url: str) -> Path:

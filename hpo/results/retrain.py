@@ -12,22 +12,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpo.errors import DataError, UsageError
-from hpo.spec import Overrides, StudySpec, spec_for_study
+from hpo.studyfile.spec import Overrides, StudySpec, direction_sign, spec_for_study
 
 if TYPE_CHECKING:
     import optuna
     import torch
     from torch import nn
 
-    from hpo.data import Dataset, SearchData
-    from hpo.space import Hyperparameters
-    from hpo.train import EpochResult, TrainConfig
+    from hpo.studyfile.space import Hyperparameters
+    from hpo.training.config import EpochResult, TrainConfig
+    from hpo.training.splits import Dataset, SearchData
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class SavedModel:
 
     state_dict: Mapping[str, torch.Tensor]  # on the CPU
     hyperparameters: Hyperparameters
-    model: str  # name in the model registry (hpo/models.py)
+    model: str  # name in the model registry (hpo.training.models)
     study: str
     trial: int  # the trial whose configuration this is
     epochs: int
@@ -52,6 +52,7 @@ class SavedModel:
     # Per-channel normalization in [0, 1] units: x = (pixel / 255 - mean) / std.
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    test_images: int | None = None  # images tested on (None in files saved before hpo 0.2 recorded it)
 
     def to_dict(self) -> dict[str, object]:
         """Only tensors, dicts, lists, str, int and float: what ``weights_only=True`` loads."""
@@ -64,7 +65,7 @@ class SavedModel:
 
     @classmethod
     def from_dict(cls, blob: Mapping[str, object]) -> SavedModel:
-        from hpo.space import Hyperparameters
+        from hpo.studyfile.space import Hyperparameters
 
         values = dict(blob)
         values["hyperparameters"] = Hyperparameters(**values["hyperparameters"])  # type: ignore[arg-type]
@@ -75,7 +76,7 @@ class SavedModel:
 
     def build(self) -> nn.Module:
         """The trained model, on the CPU, in eval mode."""
-        from hpo.models import build_model
+        from hpo.training.models import build_model
 
         channels, height, _ = self.image_shape
         model = build_model(
@@ -108,7 +109,7 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     """The trial to retrain: number ``number``, else the best; it must have finished with a stored seed."""
     from optuna.trial import TrialState
 
-    from hpo.study import FINISHED_STATES
+    from hpo.tuning.budget import FINISHED_STATES
 
     trials = study.get_trials(deepcopy=False)
     if number is None:
@@ -141,7 +142,7 @@ def train_like(
 
     A complete trial ran all its epochs; a pruned one had planned the study file's ``max_epochs``.
     """
-    from hpo.train import fit
+    from hpo.training.fit import fit
 
     epochs = trial_epochs(trial)
     planned = epochs if trial.state.name == "COMPLETE" else max(epochs, spec.train.max_epochs)
@@ -156,6 +157,32 @@ def train_like(
     return list(result.epochs)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What retraining and replay both start from: the study file, the trial, the device, the whole dataset."""
+
+    spec: StudySpec
+    trial: optuna.trial.FrozenTrial
+    device: torch.device
+    dataset: Dataset
+
+
+def _prepare(
+    study: optuna.Study, trial: int | None, *, study_file: str | Path | None, device: str | None, data_dir: str | None
+) -> _Prepared:
+    from hpo.training.datasets import load_dataset
+    from hpo.training.device import resolve_device
+
+    spec = Overrides(device=device, data_dir=data_dir).apply(spec_for_study(study.study_name, study_file))
+    picked = pick_trial(study, trial)
+    resolved = resolve_device(spec.train.device, "--device" if device else f"{spec.path}: [train] device")
+    return _Prepared(spec=spec, trial=picked, device=resolved, dataset=load_dataset(spec.data))
+
+
+# Called with the re-evaluations (best mean first) and the trial they chose, before it is retrained.
+ReevaluationListener = Callable[[list["Reevaluation"], "optuna.trial.FrozenTrial"], None]
+
+
 def retrain(
     study: optuna.Study,
     trial: int | None = None,
@@ -165,28 +192,61 @@ def retrain(
     study_file: str | Path | None = None,
     device: str | None = None,
     data_dir: str | None = None,
+    on_reevaluated: ReevaluationListener | None = None,
+    before_training: Callable[[], None] | None = None,
 ) -> SavedModel:
     """Retrain trial number ``trial`` of ``study`` (default: the best) on training + validation data; test it once.
 
     ``top=K, seeds=S``: first re-evaluate the K best complete trials with S extra seeds each on the
     search's training/validation split (:func:`reevaluate`, stored in the study's user attrs) and
-    retrain the one with the best mean instead.  ``study_file`` defaults to the study file named
-    like the study (``cifar`` for study ``cifar``); ``device`` and ``data_dir`` replace the study
-    file's.  Save the result with :func:`save_model`.
+    retrain the one with the best mean instead; ``on_reevaluated`` sees the comparison.
+    ``before_training`` runs once every input is checked and before anything trains (hpo.best checks
+    its output folder there).
+    ``study_file`` defaults to the study file named like the study (``cifar`` for study ``cifar``);
+    ``device`` and ``data_dir`` replace the study file's.  Save the result with :func:`save_model`.
     """
-    from hpo.data import load_dataset
-    from hpo.device import resolve_device
-    from hpo.space import from_params
+    from hpo.studyfile.space import from_params
 
     check_reevaluation(top=top, seeds=seeds, trial=trial)
-    spec = Overrides(device=device, data_dir=data_dir).apply(spec_for_study(study.study_name, study_file))
-    picked = pick_trial(study, trial)
-    resolved = resolve_device(spec.train.device, "--device" if device else f"{spec.path}: [train] device")
-    dataset = load_dataset(spec.data)
-    check_test_images(dataset)
+    prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir)
+    spec, picked = prepared.spec, prepared.trial
+    check_test_images(prepared.dataset)
+    if before_training is not None:
+        before_training()
     if seeds > 0:
-        picked = chosen_trial(study, reevaluate(study, spec, dataset, resolved, top=top, seeds=seeds))
-    return retrain_trial(spec, picked, from_params(picked.params, spec.space), dataset, resolved)
+        results = reevaluate(study, spec, prepared.dataset, prepared.device, top=top, seeds=seeds)
+        picked = pick_trial(study, results[0].trial)
+        if on_reevaluated is not None:
+            on_reevaluated(results, picked)
+    return retrain_trial(spec, picked, from_params(picked.params, spec.space), prepared.dataset, prepared.device)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A trial trained again exactly as the search trained it, beside what it stored."""
+
+    trial: optuna.trial.FrozenTrial
+    device: str
+    metric: str
+    epochs: list[ReplayedEpoch]
+
+
+def replay(
+    study: optuna.Study,
+    trial: int | None = None,
+    *,
+    study_file: str | Path | None = None,
+    device: str | None = None,
+    data_dir: str | None = None,
+) -> Replay:
+    """Retrain trial ``trial`` (default: the best) as the search did: training part, same validation split,
+    seed and epochs; its recomputed metric per epoch beside the stored one.  Nothing is saved."""
+    from hpo.studyfile.space import from_params
+
+    prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir)
+    spec, picked = prepared.spec, prepared.trial
+    epochs = replay_trial(spec, picked, from_params(picked.params, spec.space), prepared.dataset, prepared.device)
+    return Replay(trial=picked, device=str(prepared.device), metric=spec.study.metric, epochs=epochs)
 
 
 def check_reevaluation(*, top: int, seeds: int, trial: int | None, replay: bool = False) -> None:
@@ -235,10 +295,9 @@ def extra_seeds(seed: int, count: int) -> tuple[int, ...]:
 
 def best_first(study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
     """The complete ones of ``trials``, best first by the study's objective (computed on validation data only)."""
-    from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
-    sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+    sign = direction_sign(study.direction.name.lower())
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     return sorted(complete, key=lambda t: sign * float(t.value))  # type: ignore[arg-type]
 
@@ -259,12 +318,11 @@ def reevaluate(
     and results already stored for a seed are read back instead of trained again.  The test set is
     not touched.
     """
-    from hpo.data import carve_validation
-    from hpo.objective import score, seeded_model, train_config
-    from hpo.space import from_params
+    from hpo.studyfile.space import from_params
+    from hpo.training.recipe import best_epoch, score, seeded_model, train_config
+    from hpo.training.splits import carve_validation
 
     metric = spec.study.metric
-    sign = 1.0 if metric == "val_loss" else -1.0  # lower sign * score is better
     data = carve_validation(dataset, spec.data).to(device)
     results = []
     for trial in top_trials(study, top):
@@ -280,7 +338,7 @@ def reevaluate(
                 continue
             logger.info("re-evaluating trial %d with seed %d", trial.number, seed)
             epochs = train_like(trial, spec, seeded_model(spec, hp, data, seed), data, train_config(spec, hp, seed=seed, device=device))
-            best = min(epochs, key=lambda e: sign * score(e, metric))
+            best = best_epoch(epochs, metric)
             known[seed] = (score(best, metric), best.val_accuracy)
         result = Reevaluation(
             trial=trial.number, seeds=wanted,
@@ -291,12 +349,8 @@ def reevaluate(
             "metric": metric, "mean": result.mean, "sd": result.sd,
         })
         results.append(result)
+    sign = direction_sign(spec.study.direction or "minimize")
     return sorted(results, key=lambda r: sign * r.mean)
-
-
-def chosen_trial(study: optuna.Study, results: list[Reevaluation]) -> optuna.trial.FrozenTrial:
-    """The trial with the best mean over its seeds (``results`` come best first from :func:`reevaluate`)."""
-    return pick_trial(study, results[0].trial)
 
 
 def check_test_images(dataset: Dataset) -> None:
@@ -308,9 +362,10 @@ def retrain_trial(
     spec: StudySpec, trial: optuna.trial.FrozenTrial, hp: Hyperparameters, dataset: Dataset, device: torch.device
 ) -> SavedModel:
     """Train ``hp`` on training + validation data for the trial's epochs and seed; test once."""
-    from hpo.data import Normalizer, retraining_data
-    from hpo.objective import seeded_model, train_config
-    from hpo.train import evaluate
+    from hpo.training.batches import Normalizer
+    from hpo.training.fit import evaluate
+    from hpo.training.recipe import seeded_model, train_config
+    from hpo.training.splits import retraining_data
 
     data = retraining_data(dataset, spec.data).to(device)
     seed = trial.user_attrs["seed"]
@@ -331,6 +386,7 @@ def retrain_trial(
         test_accuracy=test_accuracy,
         test_loss=test_loss,
         train_images=len(data.train),
+        test_images=len(data.val),
         dataset=dataset.name,
         classes=dataset.classes,
         image_shape=data.image_shape,
@@ -350,8 +406,8 @@ def replay_trial(
     spec: StudySpec, trial: optuna.trial.FrozenTrial, hp: Hyperparameters, dataset: Dataset, device: torch.device
 ) -> list[ReplayedEpoch]:
     """Retrain as the search did (training part, same validation split, seed and epochs); the metric per epoch."""
-    from hpo.data import carve_validation
-    from hpo.objective import score, seeded_model, train_config
+    from hpo.training.recipe import score, seeded_model, train_config
+    from hpo.training.splits import carve_validation
 
     data = carve_validation(dataset, spec.data).to(device)
     seed = trial.user_attrs["seed"]

@@ -1,0 +1,120 @@
+"""One summary of a study: its trials by state, its best trial, what pruning saved. Printed by ``hpo.run`` and
+``hpo.report``, tabled in the report page, written as ``summary.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    import optuna
+
+Value = Union[int, float, str]
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    number: int
+    value: float
+    params: Mapping[str, Value]
+    val_accuracy: float | None  # at the best epoch, fraction in [0, 1]
+    best_epoch: int | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The report's table, and ``summary.json``."""
+
+    study: str
+    storage: str  # password shown as ***
+    metric: str
+    direction: str
+    generated_at: str  # ISO 8601, UTC
+    trials: int
+    states: Mapping[str, int]  # every Optuna trial state → count
+    best: BestTrial | None
+    max_epochs: int  # per trial, from the study file or --max-epochs
+    # Over finished (complete and pruned) trials: epochs reported, and finished trials x max_epochs.
+    epochs_trained: int
+    epochs_without_pruning: int
+    epochs_saved_fraction: float  # 1 - trained / without pruning; 0 with no finished trial
+    training_seconds: float  # sum of the finished trials' wall-clock durations
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+
+def summarize(study: optuna.Study, *, storage_shown: str, metric: str, max_epochs: int) -> Summary:
+    from optuna.trial import TrialState
+
+    from hpo.tuning.budget import FINISHED_STATES
+
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in FINISHED_STATES]
+    best = None
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        trial = study.best_trial
+        accuracy = trial.user_attrs.get("val_accuracy")
+        epoch = trial.user_attrs.get("best_epoch")
+        best = BestTrial(
+            number=trial.number,
+            value=float(trial.value),  # type: ignore[arg-type]
+            params=dict(trial.params),
+            val_accuracy=accuracy if isinstance(accuracy, float) else None,
+            best_epoch=epoch if isinstance(epoch, int) else None,
+        )
+    trained = sum(len(t.intermediate_values) for t in finished)
+    without = len(finished) * max_epochs
+    return Summary(
+        study=study.study_name,
+        storage=storage_shown,
+        metric=metric,
+        direction=study.direction.name.lower(),
+        generated_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        trials=len(trials),
+        states={state.name: sum(t.state == state for t in trials) for state in TrialState},
+        best=best,
+        max_epochs=max_epochs,
+        epochs_trained=trained,
+        epochs_without_pruning=without,
+        epochs_saved_fraction=1 - trained / without if without else 0.0,
+        training_seconds=sum(t.duration.total_seconds() for t in finished if t.duration is not None),
+    )
+
+
+
+def format_value(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def states_text(summary: Summary) -> str:
+    return ", ".join(f"{name} {count}" for name, count in summary.states.items() if count) or "none"
+
+
+def best_text(summary: Summary) -> str:
+    """"#N: val_loss 0.1234, val_accuracy 56.78% at epoch E", or why there is no best trial."""
+    best = summary.best
+    if best is None:
+        return "no completed trial yet"
+    accuracy = f", val_accuracy {best.val_accuracy:.2%}" if best.val_accuracy is not None else ""
+    epoch = f" at epoch {best.best_epoch}" if best.best_epoch is not None else ""
+    return f"#{best.number}: {summary.metric} {best.value:.4f}{accuracy}{epoch}"
+
+
+def summary_lines(summary: Summary) -> list[str]:
+    """The summary as the commands print it: trials by state, the best trial and its hyperparameters, epochs."""
+    lines = [f"Study {summary.study!r} in {summary.storage}: {summary.trials} trials ({states_text(summary)})"]
+    if summary.best is None:
+        lines.append("No completed trial yet.")
+    else:
+        lines.append(f"Best trial {best_text(summary)}")
+        lines += [f"  {name} = {format_value(value)}" for name, value in summary.best.params.items()]
+    lines.append(
+        f"Epochs: {summary.epochs_trained} trained, {summary.epochs_without_pruning} without pruning "
+        f"(saved {summary.epochs_saved_fraction:.0%}); {summary.training_seconds:.1f} s of training in finished trials"
+    )
+    return lines

@@ -1,0 +1,56 @@
+"""The names a study file may give ``[model] name`` and ``[data] dataset``, and what is known of each without torch.
+
+This table is the one list of names: the study file is validated against it (torch-free), and the
+builders in :mod:`hpo.training.models` register against it (``@register_model("cnn")`` refuses a
+name that is not here), so that the two cannot drift apart.  To add a model: a row in ``MODELS``,
+then a builder registered under that name.  To add a torchvision dataset: a row in ``DATASETS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model name's torch-free facts."""
+
+    description: str  # one line, for errors and the README
+    # True: the architecture is shaped by the [space] hyperparameters declared for this model
+    # (depth, widths, kernel, activation...); False: a fixed architecture that reads none of them
+    # and always uses ReLU (its ``init`` gain is ReLU's).
+    configurable: bool = False
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What is known of a dataset before reading it."""
+
+    # Class name in torchvision.datasets; None: only image folders.
+    torchvision_class: str | None
+    # Channels and side in pixels of its images; None: found from the images.
+    channels: int | None
+    image_size: int
+    # Per-channel mean and std of the training images in [0, 1] units (the published figures);
+    # None: computed from the training images.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+MODELS: Mapping[str, ModelInfo] = {
+    "cnn": ModelInfo("the configurable CNN (LeNet-like blocks, shaped by [space])", configurable=True),
+    "resnet18": ModelInfo("torchvision's ResNet18, with a small-image stem at 64 px and less"),
+    "resnet9": ModelInfo("David Page's 9-layer ResNet (DAWNBench CIFAR-10)"),
+}
+
+DATASETS: Mapping[str, DatasetInfo] = {
+    "cifar10": DatasetInfo("CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo("CIFAR100", 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": DatasetInfo("MNIST", 1, 28, (0.1307,), (0.3081,)),
+    "fashion_mnist": DatasetInfo("FashionMNIST", 1, 28, (0.2860,), (0.3530,)),
+    "image_folder": DatasetInfo(None, None, 32),
+}
+
+# The models whose architecture [space] shapes: what a hyperparameter's ``models=`` names.
+CONFIGURABLE_MODELS: tuple[str, ...] = tuple(name for name, info in MODELS.items() if info.configurable)

@@ -1,0 +1,15 @@
+"""Training, which knows nothing of Optuna: datasets → uint8 tensors on the device once → batches → fit → epoch results.
+
+- ``datasets``:     datasets by name from their first source (folder, archive, torchvision), resized, normalized
+- ``imagefolder``:  image folders and archives decoded once and cached
+- ``splits``:       ``Dataset`` in memory; the validation part carved from training; the retraining split
+- ``batches``:      THE batch pipeline on the device: shuffle, crop and flip, normalize, cutout, mixup
+- ``models``:       model builders registered by name (``@register_model``)
+- ``optimization``: the optimizer, learning-rate schedule and training loss a trial asks for
+- ``config``:       ``TrainConfig`` (into the loop) and ``EpochResult`` (out of it, per epoch)
+- ``fit``:          THE training loop ``fit``; ``evaluate``; epoch checkpoints
+- ``device``:       the device a study asks for, checked here; its name; bf16 by capability
+- ``recipe``:       what a trial, its replay and its retraining share: seed, model, config, score, best epoch
+
+May import: ``hpo.errors``, ``hpo.studyfile``.
+"""

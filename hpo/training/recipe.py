@@ -1,0 +1,49 @@
+"""The training recipe a trial, its re-evaluations, its replay and its retraining all share.
+
+A trial's model is built with its initial weights drawn from its seed, trained with the study
+file's ``[train]`` settings and scored by the study's metric; the best epoch is the one with the best
+score.  Replay and retraining depend on these being the one way to do each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from hpo.studyfile.space import Hyperparameters
+from hpo.studyfile.spec import DIRECTIONS, StudySpec, direction_sign
+from hpo.training.config import EpochResult, TrainConfig
+from hpo.training.models import build_model
+from hpo.training.splits import SearchData
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """A distinct, reproducible seed per trial; stored as the trial's ``seed`` user attr."""
+    return (study_seed * 1_000_003 + trial_number) % 2**31
+
+
+def train_config(spec: StudySpec, hp: Hyperparameters, *, seed: int, device: torch.device) -> TrainConfig:
+    train = spec.train
+    return TrainConfig(
+        hp=hp, max_epochs=train.max_epochs, augment=train.augment, seed=seed, device=device, compile=train.compile,
+        precision=train.precision,
+    )
+
+
+def seeded_model(spec: StudySpec, hp: Hyperparameters, data: SearchData, seed: int) -> torch.nn.Module:
+    """The trial's model with its initial weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    channels, height, _ = data.image_shape
+    return build_model(spec.model.name, hp, in_channels=channels, num_classes=data.num_classes, image_size=height)
+
+
+def score(result: EpochResult, metric: str) -> float:
+    """The epoch's value of the study's metric: what is reported, pruned on and returned."""
+    return result.val_loss if metric == "val_loss" else result.val_accuracy
+
+
+def best_epoch(epochs: Iterable[EpochResult], metric: str) -> EpochResult:
+    """The epoch with the best ``metric`` (the first of equals); ValueError when there is none."""
+    sign = direction_sign(DIRECTIONS[metric])
+    return min(epochs, key=lambda e: sign * score(e, metric))

@@ -1,0 +1,103 @@
+"""A running trial's heartbeat, and the reaper that fails the trials of workers that stopped beating.
+
+Both are threads of ours rather than Optuna's: every storage call they make goes through the
+worker's ``StorageGuard``, so that they ride out an outage, and the reaper lets one grace period
+pass after an outage before it judges anyone dead (nobody could write a heartbeat meanwhile).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+
+import optuna
+from optuna.trial import TrialState
+
+from hpo.tuning.outage import StorageGuard, reason
+from hpo.tuning.storage import retry_callback
+
+logger = logging.getLogger(__name__)
+
+# Seconds between heartbeat tries while the storage is away, so that the beat resumes promptly.
+HEARTBEAT_RETRY_S = 1.0
+
+
+class _StoppableThread(threading.Thread):
+    """A daemon thread whose loop waits on ``_stop_event``; ``stop()`` ends it."""
+
+    def __init__(self, *, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class Heartbeat(_StoppableThread):
+    """Writes the running trial's heartbeat every ``interval`` seconds, through outages too.
+
+    A beat that fails is tried again every HEARTBEAT_RETRY_S seconds; the thread never ends on an
+    error, so a trial is never judged dead while its worker lives and the storage can be reached.
+    """
+
+    def __init__(self, *, storage: optuna.storages.RDBStorage, trial_id: int, interval: float, guard: StorageGuard) -> None:
+        super().__init__(name="hpo-heartbeat")
+        self.storage = storage
+        self.trial_id = trial_id
+        self.interval = interval
+        self.guard = guard
+
+    def run(self) -> None:
+        while True:
+            try:
+                beaten, _ = self.guard.attempt("write a heartbeat", lambda: self.storage.record_heartbeat(self.trial_id))
+            except Exception as exc:  # not an outage, but the trial must go on; the next beat tries again
+                logger.warning("heartbeat failed: %s", reason(exc))
+                beaten = False
+            if self._stop_event.wait(self.interval if beaten else min(self.interval, HEARTBEAT_RETRY_S)):
+                return
+
+    def stop(self) -> None:
+        super().stop()
+        self.join()  # gone before the next trial starts a heartbeat of its own
+
+
+class Reaper(_StoppableThread):
+    """Marks trials of dead workers FAIL (Optuna's retry callback then re-queues them) every ``interval`` s.
+
+    Optuna reaps stale trials only when a worker starts a new trial; this thread does it even while
+    every live worker is busy with a long trial.  After an outage it waits ``grace_period`` seconds
+    before reaping, so that live workers have written a heartbeat again.  It also re-queues orphans:
+    trials a worker created but never claimed (a storage failure in the middle of ``study.ask``),
+    which have no heartbeat and would otherwise hold a place in the budget forever.
+    """
+
+    def __init__(self, *, study: optuna.Study, guard: StorageGuard, interval: float, grace_period: float) -> None:
+        super().__init__(name="hpo-reaper")
+        self.study = study
+        self.guard = guard
+        self.interval = interval
+        self.grace_period = grace_period
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            if self.guard.down_within(self.grace_period):
+                continue
+            try:
+                self.guard.attempt("reap stale trials", self.reap)
+            except Exception as exc:  # a bad round must not end the thread; the next one tries again
+                logger.warning("reaping stale trials failed: %s", reason(exc))
+
+    def reap(self) -> None:
+        optuna.storages.fail_stale_trials(self.study)
+        oldest = datetime.datetime.now() - datetime.timedelta(seconds=self.grace_period)
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            claimed = trial.user_attrs.get("worker", {}).get("trial") == trial.number
+            if claimed or trial.datetime_start is None or trial.datetime_start > oldest:
+                continue
+            failed = self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            if failed.state == TrialState.FAIL:
+                logger.warning("trial %d was never claimed by a worker: marked FAIL and re-queued", trial.number)
+                retry_callback()(self.study, failed)
+

@@ -1,0 +1,305 @@
+"""The Optuna objective: params → model → fit → every epoch reported, and perhaps pruned.
+
+:class:`Objective` holds what every trial of a worker shares (the study file, the data on the
+device, the storage guard); each call runs one :class:`TrialRun`.  This is the only module between
+Optuna and training: :mod:`hpo.training` sees plain hyperparameters and a per-epoch callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import torch
+
+from hpo.studyfile.space import PARAMETERS, Fixed, FloatRange, Hyperparameters, IntRange, SearchSpace, Value
+from hpo.studyfile.spec import StudySpec
+from hpo.training.config import EpochResult
+from hpo.training.device import device_name
+from hpo.training.fit import Checkpoint, fit, load_checkpoint
+from hpo.training.models import count_parameters
+from hpo.training.recipe import best_epoch, score, seeded_model, train_config, trial_seed
+from hpo.training.splits import SearchData
+from hpo.tuning.budget import FINISHED_STATES, surplus
+from hpo.tuning.notes import Pruned
+from hpo.tuning.outage import StorageGuard
+
+logger = logging.getLogger(__name__)
+
+# Called after every epoch of every trial, for progress displays: (trial number, epoch result).
+EpochListener = Callable[[int, EpochResult], None]
+# Called when the pruner stops a trial, with the storage reachable: e.g. hpo.tuning.notes.write_pruning_note.
+PruneListener = Callable[[optuna.Trial, Pruned], None]
+
+# Seconds between writes of a running trial's progress user attrs (epochs, best_epoch, val_accuracy,
+# seconds_per_epoch, images_per_second). Each attr is one storage write, and writing all five every
+# epoch was most of a worker's storage time (bench/storage.py); they are also written when the trial ends.
+PROGRESS_WRITE_S = 30.0
+
+
+class TrialFailed(Exception):
+    """Ends a trial as FAIL with a ``fail_reason`` user attr; the worker goes on with the next trial."""
+
+
+class TrialAbandoned(Exception):
+    """The trial was ended under this worker (reaped as stale, or failed by hand in the dashboard).
+
+    Not this worker's error: it stops training that trial and goes on; a reaped trial's retry
+    resumes from the checkpoint, which is kept.
+    """
+
+
+def stored_trial(trial: optuna.Trial, study_id: int) -> optuna.trial.FrozenTrial:
+    """The stored state of a live trial, through the storage's public lookups (Trial has no getter)."""
+    storage = trial.storage
+    return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+
+
+def original_number(trial: optuna.trial.FrozenTrial) -> int:
+    """The number of the trial this one retries (the first of a retry chain), or its own number."""
+    failed = trial.system_attrs.get("failed_trial")
+    return int(failed) if failed is not None else trial.number
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> Hyperparameters:
+    """Sample one configuration; a conditional hyperparameter is sampled only when it applies."""
+    values: dict[str, Value] = {}
+    for name, dist in space.entries:
+        condition = PARAMETERS[name].only_when
+        applies = condition is None or values[condition[0]] in condition[1]
+        if isinstance(dist, Fixed) or not applies:
+            values[name] = dist.value if isinstance(dist, Fixed) else PARAMETERS[name].default
+        elif isinstance(dist, FloatRange):
+            values[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
+        elif isinstance(dist, IntRange):
+            values[name] = trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
+        else:
+            values[name] = trial.suggest_categorical(name, dist.choices)  # type: ignore[arg-type]
+    return Hyperparameters(**values)  # type: ignore[arg-type]
+
+
+class EpochRecorder:
+    """What a trial writes to the storage, held back while the storage is away.
+
+    Training does not wait for the storage: an epoch's value and attributes are queued, sent at the
+    next epoch boundary that finds the storage reachable, and at the latest before the trial ends,
+    so an outage loses no epoch.  A write refused because the trial is already finished means it
+    was ended under this worker: ``TrialAbandoned``.
+    """
+
+    def __init__(self, trial: optuna.Trial, guard: StorageGuard) -> None:
+        self.trial = trial
+        self.guard = guard
+        self._attrs: dict[str, object] = {}  # latest value per key; older ones need not be sent
+        self._values: list[tuple[int, float]] = []  # (epoch, value) not yet reported
+
+    def set(self, **attrs: object) -> None:
+        self._attrs.update(attrs)
+
+    def report(self, epoch: int, value: float) -> None:
+        self._values.append((epoch, value))
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._attrs or self._values)
+
+    def _send_one(self) -> None:
+        if self._attrs:
+            key, value = next(iter(self._attrs.items()))
+            self.trial.set_user_attr(key, value)
+            del self._attrs[key]
+        else:
+            epoch, value = self._values[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an epoch inherited from the trial this one retries
+                self.trial.report(value, epoch)
+            del self._values[0]
+
+    def flush(self, *, wait: bool) -> bool:
+        """Send what is queued; True once it is all stored.  ``wait``: through an outage (or
+        StorageUnavailable), else stop at the first failed write and keep the rest for later."""
+        what = f"record trial {self.trial.number}"
+        if not wait and self.guard.down:
+            return False  # the heartbeat thread is probing; training need not wait on a connect timeout
+        try:
+            while self.pending:
+                if wait:
+                    self.guard.call(what, self._send_one)
+                elif not self.guard.attempt(what, self._send_one)[0]:
+                    return False
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TrialAbandoned(f"trial {self.trial.number} was ended while this worker trained it") from None
+        return True
+
+
+
+class Objective:
+    """Callable that runs one trial for the worker; holds the device-resident data shared by all trials."""
+
+    def __init__(
+        self,
+        *,
+        spec: StudySpec,
+        data: SearchData,
+        device: torch.device,
+        checkpoint_dir: Path,
+        guard: StorageGuard,
+        budget: int | None = None,
+        on_epoch: EpochListener | None = None,
+        on_pruned: PruneListener | None = None,
+    ) -> None:
+        self.spec = spec
+        self.data = data
+        self.device = device
+        self.checkpoint_dir = checkpoint_dir
+        self.guard = guard
+        self.budget = budget
+        self.on_epoch = on_epoch
+        self.on_pruned = on_pruned
+        self.host = socket.gethostname()
+        self._study_id: int | None = None
+
+    def checkpoint_path(self, number: int) -> Path:
+        return self.checkpoint_dir / self.spec.study.name / f"trial-{number}.pt"
+
+    def _start(self, trial: optuna.Trial) -> tuple[int, Hyperparameters]:
+        """Storage reads and writes before training: the budget check, the retried trial, the parameters."""
+        # Two workers that started the last place in the same instant: the later one fails before it trains.
+        too_many = surplus(trial, self.budget) if self.budget is not None else None
+        if too_many is not None:
+            trial.set_user_attr("fail_reason", too_many)
+            raise TrialFailed("surplus")
+        # A retried trial (its worker died) keeps the seed and the checkpoint of the trial it retries.
+        if self._study_id is None:  # fixed for the study's life: looked up once
+            self._study_id = trial.storage.get_study_id_from_name(trial.study.study_name)
+        number = original_number(stored_trial(trial, self._study_id))
+        return number, suggest(trial, self.spec.space)
+
+    def on_trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """After the worker told the result: a finished trial's checkpoint is no longer needed.
+
+        A failed one's is kept, since its retry resumes from it.
+        """
+        if trial.state in FINISHED_STATES:
+            self.checkpoint_path(original_number(trial)).unlink(missing_ok=True)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        number, hp = self.guard.call(f"start trial {trial.number}", lambda: self._start(trial))
+        return TrialRun(self, trial, number, hp).run()
+
+
+class TrialRun:
+    """One trial: its model and seed, the epochs trained so far, what it reports, and the pruning decision.
+
+    ``number`` is the trial whose seed and checkpoint this one uses: its own, or for a retry the
+    first trial of its retry chain, which it resumes after that trial's last checkpointed epoch.
+    """
+
+    def __init__(self, objective: Objective, trial: optuna.Trial, number: int, hp: Hyperparameters) -> None:
+        self.objective = objective
+        self.trial = trial
+        self.number = number
+        self.metric = objective.spec.study.metric
+        self.seed = trial_seed(objective.spec.study.seed, number)
+        self.hp = hp
+        self.checkpoint = objective.checkpoint_path(number)
+        self.resume: Checkpoint | None = load_checkpoint(self.checkpoint) if number != trial.number else None
+        self.recorder = EpochRecorder(trial, objective.guard)
+        self.history: list[EpochResult] = []
+        self.progress_written = time.monotonic()  # when the progress attrs were last queued
+
+    def run(self) -> float:
+        """Train and report every epoch; the trial's value (its best epoch's), or TrialPruned / TrialFailed."""
+        objective = self.objective
+        model = seeded_model(objective.spec, self.hp, objective.data, self.seed)
+        self.recorder.set(
+            seed=self.seed, params=count_parameters(model), device=device_name(objective.device), host=objective.host,
+            pid=os.getpid(),
+        )
+        self._resumed()
+        config = train_config(objective.spec, self.hp, seed=self.seed, device=objective.device)
+        try:
+            fit(model, objective.data, config, self.on_epoch_end, checkpoint=self.checkpoint, resume=self.resume)
+        except torch.cuda.OutOfMemoryError:
+            del model
+            torch.cuda.empty_cache()
+            self.checkpoint.unlink(missing_ok=True)
+            raise self._out_of_memory() from None
+        self.recorder.set(**self.progress())
+        self.recorder.flush(wait=True)
+        return score(best_epoch(self.history, self.metric), self.metric)
+
+    def _resumed(self) -> None:
+        """Report the epochs of the checkpoint this retry resumes from, and write what is queued."""
+        if self.resume is not None:
+            self.history.extend(self.resume.epochs)
+            self.recorder.set(resumed_from_epoch=self.resume.epoch)
+            logger.info("trial %d resumes trial %d after epoch %d", self.trial.number, self.number, self.resume.epoch)
+            for result in self.resume.epochs:
+                self.recorder.report(result.epoch, score(result, self.metric))
+        self.recorder.flush(wait=True)
+
+    def progress(self) -> dict[str, object]:
+        """The trial's progress user attrs (one storage write each: queued every PROGRESS_WRITE_S and at the end)."""
+        finite = [e for e in self.history if math.isfinite(score(e, self.metric))]
+        if not finite:
+            return {}
+        best = best_epoch(finite, self.metric)
+        return {
+            "epochs": finite[-1].epoch,
+            "best_epoch": best.epoch,
+            "val_accuracy": best.val_accuracy,
+            "seconds_per_epoch": sum(e.seconds for e in finite) / len(finite),
+            "images_per_second": sum(e.images_per_second for e in finite) / len(finite),
+        }
+
+    def on_epoch_end(self, result: EpochResult) -> None:
+        """fit's callback: record the epoch, report it when the storage can be reached, and prune if told to."""
+        self.history.append(result)
+        if self.objective.on_epoch is not None:
+            self.objective.on_epoch(self.trial.number, result)
+        if not (math.isfinite(result.val_loss) and math.isfinite(result.train_loss)):
+            raise self._pruned(f"diverged: non-finite loss at epoch {result.epoch}")
+        if time.monotonic() - self.progress_written >= PROGRESS_WRITE_S:
+            self.recorder.set(**self.progress())
+            self.progress_written = time.monotonic()
+        self.recorder.report(result.epoch, score(result, self.metric))
+        if not self.recorder.flush(wait=False):
+            return  # the storage is away: train on, report these epochs once it is back
+        # The pruner may read the trials Optuna cached for this trial, so success proves nothing.
+        reachable, prune = self.objective.guard.attempt(
+            f"decide on pruning trial {self.trial.number}", self.trial.should_prune, reads_storage=False
+        )
+        if reachable and prune:
+            raise self._pruned_by_pruner(result)
+
+    def _pruned_by_pruner(self, result: EpochResult) -> optuna.TrialPruned:
+        value = score(result, self.metric)
+        on_pruned = self.objective.on_pruned
+        if on_pruned is not None:
+            event = Pruned(
+                epoch=result.epoch, value=value, best=score(best_epoch(self.history, self.metric), self.metric),
+                metric=self.metric, pruner=self.objective.spec.pruner,
+            )
+            self.objective.guard.call(f"note why trial {self.trial.number} was pruned", lambda: on_pruned(self.trial, event))
+        return self._pruned(f"pruned at epoch {result.epoch} with {self.metric} {value:.4f}")
+
+    def _pruned(self, reason: str) -> optuna.TrialPruned:
+        self.recorder.set(pruned_reason=reason, **self.progress())
+        self.recorder.flush(wait=True)
+        return optuna.TrialPruned(reason)
+
+    def _out_of_memory(self) -> TrialFailed:
+        trial, guard = self.trial, self.objective.guard
+        # Optuna >= 5 has constraints: the point is recorded as infeasible.
+        if hasattr(trial, "set_constraint"):
+            guard.call(f"record trial {trial.number}", lambda: trial.set_constraint("cuda_oom", 1.0))
+        guard.call(f"record why trial {trial.number} failed", lambda: trial.set_user_attr("fail_reason", "cuda_oom"))
+        return TrialFailed("cuda_oom")

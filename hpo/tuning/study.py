@@ -1,0 +1,151 @@
+"""Study file → Optuna sampler, pruner and study: created, resumed, or loaded for reading results."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import socket
+from typing import Any
+
+import optuna
+
+from hpo.errors import StorageError
+from hpo.studyfile.samplers import (
+    CmaEsSamplerSpec,
+    GpSamplerSpec,
+    GridSamplerSpec,
+    HyperbandPrunerSpec,
+    MedianPrunerSpec,
+    NopPrunerSpec,
+    PatientPrunerSpec,
+    PercentilePrunerSpec,
+    QmcSamplerSpec,
+    RandomSamplerSpec,
+    SuccessiveHalvingPrunerSpec,
+    ThresholdPrunerSpec,
+    TpeSamplerSpec,
+)
+from hpo.studyfile.space import grid
+from hpo.studyfile.spec import StudySpec
+from hpo.tuning.budget import FINISHED_STATES
+from hpo.tuning.outage import absorb_start_race
+from hpo.tuning.storage import check_existing_storage, open_storage, redact
+
+logger = logging.getLogger(__name__)
+
+
+# Each spec dataclass's fields are its Optuna class's keyword arguments, named the same.
+SAMPLER_CLASSES: dict[type, type[optuna.samplers.BaseSampler]] = {
+    TpeSamplerSpec: optuna.samplers.TPESampler,
+    RandomSamplerSpec: optuna.samplers.RandomSampler,
+    GridSamplerSpec: optuna.samplers.GridSampler,
+    CmaEsSamplerSpec: optuna.samplers.CmaEsSampler,
+    GpSamplerSpec: optuna.samplers.GPSampler,
+    QmcSamplerSpec: optuna.samplers.QMCSampler,
+}
+
+
+PRUNER_CLASSES: dict[type, type[optuna.pruners.BasePruner]] = {
+    MedianPrunerSpec: optuna.pruners.MedianPruner,
+    PercentilePrunerSpec: optuna.pruners.PercentilePruner,
+    SuccessiveHalvingPrunerSpec: optuna.pruners.SuccessiveHalvingPruner,
+    HyperbandPrunerSpec: optuna.pruners.HyperbandPruner,
+    PatientPrunerSpec: optuna.pruners.PatientPruner,
+    ThresholdPrunerSpec: optuna.pruners.ThresholdPruner,
+    NopPrunerSpec: optuna.pruners.NopPruner,
+}
+
+
+def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
+    options: dict[str, Any] = dataclasses.asdict(spec.sampler)
+    if isinstance(spec.sampler, GridSamplerSpec):
+        # Stops the study by itself once every grid point has been tried.
+        options["search_space"] = grid(spec.space)
+    return SAMPLER_CLASSES[type(spec.sampler)](**options, seed=seed)
+
+
+def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    return PRUNER_CLASSES[type(spec.pruner)](**pruner_options(spec))
+
+
+def pruner_options(spec: StudySpec) -> dict[str, Any]:
+    """The keyword arguments of the study's Optuna pruner: the [pruner] table, with what it left open filled in.
+
+    Hyperband's ``max_resource`` is filled in here, from the study's ``max_epochs`` after any
+    ``--max-epochs``, never when the file is read.
+    """
+    pruner = spec.pruner
+    options: dict[str, Any] = dataclasses.asdict(pruner)
+    if isinstance(pruner, SuccessiveHalvingPrunerSpec) and pruner.min_resource is None:
+        options["min_resource"] = "auto"  # estimated from the first finished trial
+    if isinstance(pruner, HyperbandPrunerSpec) and pruner.max_resource is None:
+        options["max_resource"] = spec.train.max_epochs
+    if isinstance(pruner, PatientPrunerSpec):
+        options["wrapped_pruner"] = None  # patience alone decides
+    return options
+
+
+def sampler_seed(study_seed: int, *, worker_index: int, trials_so_far: int) -> int:
+    """This process's sampler seed: reproducible, yet different for every worker, host and resumed run.
+
+    With one seed for all, a resumed run or a second machine would propose the very same points
+    again (the random sampler, and TPE's random start-up trials).  Trials' own training seeds do
+    not depend on this; they come from the study seed and the trial number.
+    """
+    key = f"{study_seed}|{worker_index}|{trials_so_far}|{socket.gethostname()}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
+
+
+def _existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.study.StudySummary | None:
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if summary.study_name == name:
+            return summary
+    return None
+
+
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int = 0) -> optuna.Study:
+    """Create the study, or resume it when one of that name already exists (also when another worker
+    creates it in the same instant)."""
+    return absorb_start_race("create the study", lambda: _open_study(spec, storage, worker_index=worker_index))
+
+
+def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int) -> optuna.Study:
+    direction = spec.study.direction
+    assert direction is not None
+    found = _existing(storage, spec.study.name)
+    if found is not None and found.direction.name.lower() != direction:
+        raise StorageError(
+            f"{spec.path}: [study] study {spec.study.name!r} already exists with direction "
+            f"{found.direction.name.lower()!r}, not {direction!r}; choose another name (--study-name)"
+        )
+    seed = sampler_seed(
+        spec.study.seed, worker_index=worker_index, trials_so_far=0 if found is None else found.n_trials
+    )
+    study = optuna.create_study(
+        storage=storage,
+        study_name=spec.study.name,
+        direction=direction,
+        sampler=create_sampler(spec, seed),
+        pruner=create_pruner(spec),
+        load_if_exists=True,
+    )
+    study.set_metric_names([spec.study.metric])
+    return study
+
+
+def load_existing_study(url: str, source: str, name: str, *, flag: str) -> optuna.Study:
+    """The study of that name, for reading results; never creates a database or a study."""
+    check_existing_storage(url, source)
+    storage = open_storage(url, source)
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise StorageError(
+            f"{flag}: no study {name!r} in {redact(url)} (studies there: {', '.join(sorted(names)) or 'none'})"
+        )
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
