@@ -160,7 +160,7 @@ def measure(
     started, trials = finished_within(study, budget_s)
     chosen = choose(study, trials)  # the search is over: from here on nothing is chosen
     device = resolve_device(spec.train.device, "--device")
-    saved = retrain_trial(spec, chosen, from_params(chosen.params, spec.space), dataset, device)
+    saved = retrain_trial(spec, chosen, from_params(chosen.params, spec.space, spec.model.space), dataset, device)
     run = outcome(config, seed, started=started, trials=trials, chosen=chosen, max_epochs=spec.train.max_epochs,
                   target=target, test_accuracy=saved.test_accuracy)
     study.set_user_attr(RESULT_ATTR, {"settings": settings_key(spec, budget_s, target), **run.to_json()})

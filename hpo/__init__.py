@@ -9,6 +9,9 @@ The Python API (the ``python -m hpo.*`` commands are shells over it)::
     hpo.save_model(saved, Path("checkpoints/quick-best.pt"))
     hpo.write_report(study, out="reports/quick")      # report.html, trials.csv, summary.json
 
+    @hpo.register_model("mynet")                      # your own model: [model] name = "mynet"
+    def build(in_channels, num_classes, image_size, *, width=32): ...
+
 Each is imported on first use, so ``import hpo`` loads neither torch nor Optuna.
 """
 
@@ -29,15 +32,20 @@ _API = {
     "load_model": "hpo.results.retrain",
     "write_report": "hpo.results.report",
     "Hyperparameters": "hpo.studyfile.space",
+    "register_model": "hpo.training.models",
 }
 
-__all__ = ["Hyperparameters", "SavedModel", "load_model", "replay", "retrain", "save_model", "search", "write_report"]
+__all__ = [
+    "Hyperparameters", "SavedModel", "load_model", "register_model", "replay", "retrain", "save_model", "search",
+    "write_report",
+]
 
 if TYPE_CHECKING:
     from hpo.launching.session import search
     from hpo.results.report import write_report
     from hpo.results.retrain import SavedModel, load_model, replay, retrain, save_model
     from hpo.studyfile.space import Hyperparameters
+    from hpo.training.models import register_model
 
 
 def __getattr__(name: str) -> object:

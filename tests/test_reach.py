@@ -135,10 +135,10 @@ def test_resnet9_is_pages_network() -> None:
     assert 6_500_000 < count_parameters(model) < 6_700_000, "Page's ResNet-9 has about 6.6 M weights"
 
 
-def test_every_model_name_a_study_file_may_use_has_a_builder_and_no_builder_goes_undeclared() -> None:
+def test_every_built_in_model_name_has_exactly_one_builder() -> None:
     assert set(MODELS) == set(names.MODELS)
-    with pytest.raises(ValueError, match="'mynet' is not declared"):
-        register_model("mynet")
+    with pytest.raises(ValueError, match="'cnn' is registered twice"):
+        register_model("cnn")(lambda hp, **shape: torch.nn.Identity())
 
 
 def test_every_torchvision_dataset_name_exists_in_torchvision() -> None:

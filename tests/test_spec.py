@@ -15,7 +15,9 @@ from hpo.tuning.study import pruner_options
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.toml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "studies").glob("*.toml")) + sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.stem
+)
 def test_every_shipped_study_loads(path: Path) -> None:
     spec = load_spec(path)
     assert spec.study.name
@@ -84,7 +86,7 @@ BAD = [
     ("[data]\nval_fraction = 1.5\n", r"\[data\]: val_fraction must be in \(0, 1\), got 1.5"),
     ("[data]\ndataset = 'imagenet'\n", r"\[data\]: dataset must be one of 'cifar10', 'cifar100', .*'image_folder', got 'imagenet'"),
     ("[data]\nchannels = 2\n", r"\[data\]: channels must be 1 or 3, got 2"),
-    ("[model]\nname = 'vgg'\n", r"\[model\]: name must be one of 'cnn', 'resnet18', 'resnet9', got 'vgg'"),
+    ("[model]\nname = 'vgg'\n", r"\[model\]: name must be a built-in model \('cnn', 'resnet18', 'resnet9'\), an import path .* got 'vgg'"),
     ("[model]\nname = 'resnet18'\n[space]\ndepth = { low = 2, high = 4 }\n", r"\[space\] depth shapes the cnn model only; model 'resnet18'"),
     ("[study]\nmetric = 'val_loss'\ndirection = 'maximize'\n", r"direction 'maximize' does not fit metric 'val_loss'"),
     ("[space]\nlr = { low = 0.1, high = 0.001 }\n", r"\[space\] lr: low must be < high.*low=0.1 high=0.001"),
@@ -123,3 +125,34 @@ def test_bad_study_file_names_file_key_and_value(tmp_path: Path, text: str, mess
         load_spec(path)
     assert str(caught.value).startswith(f"{path}: ")
     assert "\n" not in str(caught.value)
+
+
+BAD_MODEL_TABLES = [
+    ('[model]\nname = "cnn"\n[model.space]\nwidth = 3\n', "[model]: [model.space] is for your own model's hyperparameters; 'cnn' is built-in"),
+    ('[model]\nname = "a.b:build"\n[model.space]\nlr = 0.1\n', "[model.space] lr is hpo's own hyperparameter: set it in [space]"),
+    ('[model]\nname = "a.b:build"\n[model.space]\nwidth = [8, 16]\n', "[model.space] width: write choices as { choices = [8, 16] }"),
+    ('[model]\nname = "a.b:build"\n[model.space]\nwidth = { low = 8, high = "x" }\n', "[model.space] width: values must all be"),
+    ('[model]\nname = "a.b:build"\n[model.space]\nwidth = { low = 8, high = 4 }\n', "[model.space] width: low must be < high"),
+    ('[model]\nname = "a.b:build"\n[space]\ndepth = 2\n', "[space] depth shapes the cnn model only; model 'a.b:build' is your own model"),
+    ('[model]\nname = "no model"\n', "[model]: name must be a built-in model ('cnn', 'resnet18', 'resnet9'), an import path"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_MODEL_TABLES, ids=[m for _, m in BAD_MODEL_TABLES])
+def test_a_bad_model_table_is_one_line_naming_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as error:
+        load_spec(path)
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value), str(error.value)
+
+
+def test_a_user_model_space_keeps_its_names_kinds_and_a_probe_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('[model]\nname = "a.b:build"\n[model.space]\nwidth = { choices = [16, 32] }\n'
+                    'drop = { low = 0.0, high = 0.5 }\nact = "gelu"\nblocks = { low = 1, high = 3 }\n')
+    space = load_spec(path).model.space
+    assert dict(space.entries) == {
+        "width": Choice((16, 32)), "drop": FloatRange(0.0, 0.5), "act": Fixed("gelu"), "blocks": IntRange(1, 3),
+    }
+    assert space.probe() == {"width": 16, "drop": 0.0, "act": "gelu", "blocks": 1}

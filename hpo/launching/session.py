@@ -132,12 +132,26 @@ def _check(request: RunRequest, file_spec: StudySpec | None) -> _Checked:
     from hpo.training.datasets import load_dataset
 
     dataset = load_dataset(spec.data)  # launching: decodes and caches once, before the workers start
+    _check_model(spec, dataset)
     checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else default_checkpoint_dir(storage_url)
     writable_folder(checkpoint_dir, "--checkpoint-dir" if settings.checkpoint_dir else "default checkpoint folder")
     return _Checked(
         spec=spec, grace_period=grace_period, storage_url=storage_url, storage_source=storage_source, gpus=gpus,
         device=device, dataset=None if gpus is not None else dataset, checkpoint_dir=checkpoint_dir,
     )
+
+
+def _check_model(spec: StudySpec, dataset: Dataset) -> None:
+    """A user's model is built once and given a dummy batch: a broken one is one line, before anything is stored."""
+    from hpo.studyfile import names
+    from hpo.training.user_models import check_user_model
+
+    if names.is_user_model(spec.model.name):
+        channels, size, _ = dataset.image_shape
+        check_user_model(
+            spec.model.name, spec.model.space.probe(), in_channels=channels, num_classes=len(dataset.classes),
+            image_size=size, where=f"{spec.path}: [model]",
+        )
 
 
 def run_search(
@@ -231,6 +245,14 @@ def _objective(checked: _Checked, settings: SearchSettings, *, guard: StorageGua
     )
 
 
+def _with_model(study: str | Path, model: Callable[..., torch.nn.Module]) -> StudySpec:
+    """The study file, training ``model`` (a builder passed from Python) instead of its [model] name."""
+    from hpo.studyfile.spec import with_model
+    from hpo.training.user_models import reference
+
+    return with_model(load_spec(find_study(str(study))), reference(model))
+
+
 def search(
     study: str | Path,
     *,
@@ -249,6 +271,7 @@ def search(
     grace_period: int | None = None,
     storage_patience: float = DEFAULT_PATIENCE_S,
     on_epoch: EpochListener | None = None,
+    model: Callable[..., torch.nn.Module] | None = None,
 ) -> optuna.Study:
     """Run or resume the search that study file ``study`` (a name in studies/ or a path) describes.
 
@@ -257,6 +280,9 @@ def search(
     problem with the input (before anything is written), StorageUnavailable when the storage stays
     away for longer than ``storage_patience`` seconds, and WorkersFailed when a launched worker failed.
     ``on_epoch(trial_number, epoch_result)`` sees every epoch of every trial run in this process.
+    ``model``: your own builder, ``build(in_channels, num_classes, image_size, **params) -> nn.Module``,
+    instead of the study file's ``[model] name`` (its ``[model.space]`` still gives the params); trials
+    run in this process.
     """
     if n_trials < 1:
         raise UsageError(f"argument --n-trials: must be a positive integer, got {n_trials!r}")
@@ -269,7 +295,7 @@ def search(
             storage_patience=storage_patience,
         ),
     )
-    result = run_search(request, Listeners(on_epoch=on_epoch))
+    result = run_search(request, Listeners(on_epoch=on_epoch), spec=None if model is None else _with_model(study, model))
     if result.exit_code != 0:
         raise WorkersFailed(result.exit_code)
     return result.study

@@ -127,6 +127,7 @@ def _table(rows: Sequence[tuple[str, str]]) -> str:
 def summary_html(summary: Summary) -> str:
     rows = [
         ("study", f"{summary.study} in {summary.storage}"),
+        ("model", summary.model or "not recorded"),
         ("objective", f"{summary.metric} ({summary.direction})"),
         ("trials", f"{summary.trials}: {states_text(summary)}"),
         ("best trial", best_text(summary)),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpo.errors import DataError, UsageError
-from hpo.studyfile.spec import Overrides, StudySpec, direction_sign, spec_for_study
+from hpo.studyfile.spec import Overrides, StudySpec, direction_sign, spec_for_study, with_model
 
 if TYPE_CHECKING:
     import optuna
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from hpo.studyfile.space import Hyperparameters
     from hpo.training.config import EpochResult, TrainConfig
     from hpo.training.splits import Dataset, SearchData
+    from hpo.training.user_models import UserBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -168,12 +169,24 @@ class _Prepared:
 
 
 def _prepare(
-    study: optuna.Study, trial: int | None, *, study_file: str | Path | None, device: str | None, data_dir: str | None
+    study: optuna.Study, trial: int | None, *, study_file: str | Path | None, device: str | None, data_dir: str | None,
+    model: UserBuilder | None,
 ) -> _Prepared:
     from hpo.training.datasets import load_dataset
     from hpo.training.device import resolve_device
+    from hpo.tuning.study import MODEL_ATTR
 
     spec = Overrides(device=device, data_dir=data_dir).apply(spec_for_study(study.study_name, study_file))
+    if model is not None:
+        from hpo.training.user_models import reference
+
+        spec = with_model(spec, reference(model))
+    stored = study.user_attrs.get(MODEL_ATTR)
+    if stored is not None and stored != spec.model.name:
+        raise UsageError(
+            f"--study: study {study.study_name!r} was searched with model {stored!r}, but {spec.path} names "
+            f"{spec.model.name!r}"
+        )
     picked = pick_trial(study, trial)
     resolved = resolve_device(spec.train.device, "--device" if device else f"{spec.path}: [train] device")
     return _Prepared(spec=spec, trial=picked, device=resolved, dataset=load_dataset(spec.data))
@@ -194,6 +207,7 @@ def retrain(
     data_dir: str | None = None,
     on_reevaluated: ReevaluationListener | None = None,
     before_training: Callable[[], None] | None = None,
+    model: UserBuilder | None = None,
 ) -> SavedModel:
     """Retrain trial number ``trial`` of ``study`` (default: the best) on training + validation data; test it once.
 
@@ -201,14 +215,14 @@ def retrain(
     search's training/validation split (:func:`reevaluate`, stored in the study's user attrs) and
     retrain the one with the best mean instead; ``on_reevaluated`` sees the comparison.
     ``before_training`` runs once every input is checked and before anything trains (hpo.best checks
-    its output folder there).
+    its output folder there).  ``model``: the builder a study searched through ``hpo.search(..., model=)``.
     ``study_file`` defaults to the study file named like the study (``cifar`` for study ``cifar``);
     ``device`` and ``data_dir`` replace the study file's.  Save the result with :func:`save_model`.
     """
     from hpo.studyfile.space import from_params
 
     check_reevaluation(top=top, seeds=seeds, trial=trial)
-    prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir)
+    prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir, model=model)
     spec, picked = prepared.spec, prepared.trial
     check_test_images(prepared.dataset)
     if before_training is not None:
@@ -218,7 +232,7 @@ def retrain(
         picked = pick_trial(study, results[0].trial)
         if on_reevaluated is not None:
             on_reevaluated(results, picked)
-    return retrain_trial(spec, picked, from_params(picked.params, spec.space), prepared.dataset, prepared.device)
+    return retrain_trial(spec, picked, from_params(picked.params, spec.space, spec.model.space), prepared.dataset, prepared.device)
 
 
 @dataclass(frozen=True)
@@ -238,14 +252,15 @@ def replay(
     study_file: str | Path | None = None,
     device: str | None = None,
     data_dir: str | None = None,
+    model: UserBuilder | None = None,
 ) -> Replay:
     """Retrain trial ``trial`` (default: the best) as the search did: training part, same validation split,
     seed and epochs; its recomputed metric per epoch beside the stored one.  Nothing is saved."""
     from hpo.studyfile.space import from_params
 
-    prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir)
+    prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir, model=model)
     spec, picked = prepared.spec, prepared.trial
-    epochs = replay_trial(spec, picked, from_params(picked.params, spec.space), prepared.dataset, prepared.device)
+    epochs = replay_trial(spec, picked, from_params(picked.params, spec.space, spec.model.space), prepared.dataset, prepared.device)
     return Replay(trial=picked, device=str(prepared.device), metric=spec.study.metric, epochs=epochs)
 
 
@@ -332,7 +347,7 @@ def reevaluate(
         own = trial.user_attrs["seed"]
         known[own] = (float(trial.value), float(trial.user_attrs.get("val_accuracy", float("nan"))))  # type: ignore[arg-type]
         wanted = (own, *extra_seeds(own, seeds))
-        hp = from_params(trial.params, spec.space)
+        hp = from_params(trial.params, spec.space, spec.model.space)
         for seed in wanted:
             if seed in known:
                 continue

@@ -31,6 +31,7 @@ class Summary:
 
     study: str
     storage: str  # password shown as ***
+    model: str | None  # [model] name the trials trained (None: a study hpo.run did not create)
     metric: str
     direction: str
     generated_at: str  # ISO 8601, UTC
@@ -52,6 +53,7 @@ def summarize(study: optuna.Study, *, storage_shown: str, metric: str, max_epoch
     from optuna.trial import TrialState
 
     from hpo.tuning.budget import FINISHED_STATES
+    from hpo.tuning.study import MODEL_ATTR
 
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in FINISHED_STATES]
@@ -72,6 +74,7 @@ def summarize(study: optuna.Study, *, storage_shown: str, metric: str, max_epoch
     return Summary(
         study=study.study_name,
         storage=storage_shown,
+        model=study.user_attrs.get(MODEL_ATTR),
         metric=metric,
         direction=study.direction.name.lower(),
         generated_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -108,6 +111,8 @@ def best_text(summary: Summary) -> str:
 def summary_lines(summary: Summary) -> list[str]:
     """The summary as the commands print it: trials by state, the best trial and its hyperparameters, epochs."""
     lines = [f"Study {summary.study!r} in {summary.storage}: {summary.trials} trials ({states_text(summary)})"]
+    if summary.model is not None:
+        lines.append(f"Model: {summary.model}")
     if summary.best is None:
         lines.append("No completed trial yet.")
     else:

@@ -1,13 +1,18 @@
 """The names a study file may give ``[model] name`` and ``[data] dataset``, and what is known of each without torch.
 
 This table is the one list of names: the study file is validated against it (torch-free), and the
-builders in :mod:`hpo.training.models` register against it (``@register_model("cnn")`` refuses a
-name that is not here), so that the two cannot drift apart.  To add a model: a row in ``MODELS``,
-then a builder registered under that name.  To add a torchvision dataset: a row in ``DATASETS``.
+builders in :mod:`hpo.training.models` register against it, so that the two cannot drift apart.  To
+add a built-in model: a row in ``MODELS``, then a builder registered under that name.  To add a
+torchvision dataset: a row in ``DATASETS``.
+
+A user's own model is named by import path (``package.module:build``), by a name an installed
+package registers in the ``hpo.models`` entry-point group, or by a name registered in this process
+with ``@hpo.register_model("mynet")``; all three are checked here without importing the model.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -54,3 +59,44 @@ DATASETS: Mapping[str, DatasetInfo] = {
 
 # The models whose architecture [space] shapes: what a hyperparameter's ``models=`` names.
 CONFIGURABLE_MODELS: tuple[str, ...] = tuple(name for name, info in MODELS.items() if info.configurable)
+
+
+# ``[model] name`` beyond the built-in names: a builder by import path, e.g. "mypkg.nets:build".
+IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+# Installed packages register model names in this entry-point group: ``mynet = "mypkg.nets:build"``.
+ENTRY_POINT_GROUP = "hpo.models"
+
+# Names registered in this process with @hpo.register_model, → where the builder is (for messages).
+_REGISTERED: dict[str, str] = {}
+
+
+def declare_model(name: str, where: str) -> None:
+    """Make ``name`` valid in ``[model] name`` in this process (hpo.training.models.register_model calls this)."""
+    if name in MODELS or IMPORT_PATH.match(name):
+        raise ValueError(f"model name {name!r} is taken: built-in names and import paths cannot be registered")
+    if not re.fullmatch(r"[A-Za-z][\w-]*", name):
+        raise ValueError(f"model name must be letters, digits, '_' and '-', starting with a letter, got {name!r}")
+    _REGISTERED[name] = where
+
+
+def entry_point_models() -> dict[str, str]:
+    """Model names installed packages register (entry-point group ``hpo.models``) → their import path; nothing imported."""
+    from importlib.metadata import entry_points
+
+    return {entry.name: entry.value for entry in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def model_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a ``[model] name``, or None: checked without importing anything of the model."""
+    if name in MODELS or IMPORT_PATH.match(name) or name in _REGISTERED or name in entry_point_models():
+        return None
+    return (
+        f"name must be a built-in model ({', '.join(repr(n) for n in MODELS)}), an import path like "
+        f"'package.module:build', or a name registered with @hpo.register_model or the {ENTRY_POINT_GROUP!r} "
+        f"entry-point group, got {name!r}"
+    )
+
+
+def is_user_model(name: str) -> bool:
+    """Whether ``name`` is the user's own model (import path, registered name), built with its own [model.space]."""
+    return name not in MODELS

@@ -20,6 +20,7 @@ the README table with :func:`readme_table`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -213,6 +214,10 @@ class Hyperparameters:
         "Beta(alpha, alpha) per batch, and so is its loss (Zhang et al.); 0: none"
     )
 
+    # The user's own model's hyperparameters ([model.space]), by their own names: what its builder gets
+    # as keyword arguments. Not declared here: the study file declares them.
+    model_params: Mapping[str, Value] = dataclasses.field(default_factory=dict)
+
     def scaled_lr(self) -> float:
         """The learning rate the optimizer gets: ``lr`` times batch_size / reference_batch_size when linear scaling is on."""
         if self.lr_scaling == "linear":
@@ -226,6 +231,8 @@ _KINDS: Mapping[str, type] = {"int": int, "float": float, "str": str, "bool": bo
 def _parameters() -> dict[str, Parameter]:
     declared = {}
     for field in dataclasses.fields(Hyperparameters):
+        if "declared" not in field.metadata:
+            continue  # model_params: the study file's [model.space] declares those
         domain, help, models, only_when = field.metadata["declared"]
         declared[field.name] = Parameter(
             name=field.name, kind=_KINDS[str(field.type)], default=field.default, domain=domain, help=help,
@@ -306,12 +313,12 @@ def _check_value(name: str, value: object) -> Value:
 _RANGE_KEYS = {"low", "high", "log", "step"}
 
 
-def _parse_entry(name: str, raw: object) -> Distribution:
-    param = PARAMETERS[name]
+def _parse_entry(name: str, raw: object, kind: type, check: Callable[[object], Value]) -> Distribution:
+    """One entry of [space] (or [model.space]): a fixed value, choices or a range of ``kind``, each value ``check``-ed."""
     if not isinstance(raw, dict):
         if isinstance(raw, list):
             raise ValueError(f"{name}: write choices as {{ choices = {raw!r} }}, got a bare list")
-        return Fixed(_check_value(name, raw))
+        return Fixed(check(raw))
     keys = set(raw)
     if "choices" in keys:
         if keys != {"choices"}:
@@ -320,7 +327,7 @@ def _parse_entry(name: str, raw: object) -> Distribution:
         choices = raw["choices"]
         if not isinstance(choices, list) or not choices:
             raise ValueError(f"{name}: choices must be a non-empty list, got {choices!r}")
-        checked = tuple(_check_value(name, c) for c in choices)
+        checked = tuple(check(c) for c in choices)
         if len(set(checked)) != len(checked):
             raise ValueError(f"{name}: choices repeat a value, got {choices!r}")
         return Choice(checked)
@@ -330,11 +337,11 @@ def _parse_entry(name: str, raw: object) -> Distribution:
             f"{name}: unknown key {', '.join(sorted(unknown))!s}; "
             "expected low, high, log, step or choices"
         )
-    if param.kind in (str, bool):
+    if kind in (str, bool):
         raise ValueError(f"{name} is categorical: use {{ choices = [...] }}, got a range")
     if "low" not in raw or "high" not in raw:
         raise ValueError(f"{name}: a range needs both low and high, got {raw!r}")
-    low, high = _check_value(name, raw["low"]), _check_value(name, raw["high"])
+    low, high = check(raw["low"]), check(raw["high"])
     if not low < high:  # type: ignore[operator]
         raise ValueError(
             f"{name}: low must be < high (use a fixed value for one point), got low={low!r} high={high!r}"
@@ -348,9 +355,9 @@ def _parse_entry(name: str, raw: object) -> Distribution:
     if step is not None:
         if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
             raise ValueError(f"{name}: step must be a number > 0, got {step!r}")
-        if log and (param.kind is float or step != 1):
+        if log and (kind is float or step != 1):
             raise ValueError(f"{name}: step cannot be combined with log = true")
-    if param.kind is int:
+    if kind is int:
         if step is not None and not isinstance(step, int):
             raise ValueError(f"{name}: step of an int range must be an int, got {step!r}")
         return IntRange(low=int(low), high=int(high), log=log, step=int(step or 1))
@@ -367,7 +374,7 @@ def parse_space(table: Mapping[str, Any]) -> SearchSpace:
     entries = []
     for name in PARAMETERS:
         if name in table:
-            dist = _parse_entry(name, table[name])
+            dist = _parse_entry(name, table[name], PARAMETERS[name].kind, functools.partial(_check_value, name))
         else:
             dist = Fixed(PARAMETERS[name].default)
         entries.append((name, dist))
@@ -411,8 +418,71 @@ def grid(space: SearchSpace) -> dict[str, tuple[Value, ...]]:
     return values
 
 
-def from_params(params: Mapping[str, Value], space: SearchSpace) -> Hyperparameters:
+def from_params(params: Mapping[str, Value], space: SearchSpace, model_space: ModelSpace | None = None) -> Hyperparameters:
     """Rebuild a trial's configuration from its stored ``trial.params`` (for replay and retraining)."""
-    values = {name: dist.value for name, dist in space.entries if isinstance(dist, Fixed)}
+    values: dict[str, object] = {name: dist.value for name, dist in space.entries if isinstance(dist, Fixed)}
     values.update({name: params[name] for name in params if name in PARAMETERS})
-    return Hyperparameters(**values)  # type: ignore[arg-type]
+    model_params: dict[str, Value] = {}
+    for name, dist in (model_space.entries if model_space is not None else ()):
+        if name in params:
+            model_params[name] = params[name]
+        elif isinstance(dist, Fixed):
+            model_params[name] = dist.value
+    return Hyperparameters(**values, model_params=model_params)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ModelSpace:
+    """The ``[model.space]`` table: a user model's own hyperparameters, any names, ``[space]``'s syntax."""
+
+    entries: tuple[tuple[str, Distribution], ...] = ()
+
+    def probe(self) -> dict[str, Value]:
+        """One configuration to try the builder with before anything is stored: fixed values, first choices, lows."""
+        values: dict[str, Value] = {}
+        for name, dist in self.entries:
+            values[name] = (
+                dist.value if isinstance(dist, Fixed) else dist.choices[0] if isinstance(dist, Choice) else dist.low
+            )
+        return values
+
+
+def _free_kind(name: str, raw: object) -> type:
+    """The type of an undeclared hyperparameter, from how the study file writes it: 3, 0.5, "relu", true."""
+    if isinstance(raw, list):
+        raise ValueError(f"{name}: write choices as {{ choices = {raw!r} }}, got a bare list")
+    if isinstance(raw, dict):
+        values = raw.get("choices") if "choices" in raw else [raw.get("low"), raw.get("high")]
+        values = values if isinstance(values, list) else []
+    else:
+        values = [raw]
+    kinds = {bool if isinstance(v, bool) else type(v) for v in values}
+    if kinds == {int, float}:
+        return float
+    if len(kinds) == 1 and kinds <= {bool, int, float, str}:
+        return kinds.pop()
+    raise ValueError(f"{name}: values must all be integers, numbers, strings or true/false, got {raw!r}")
+
+
+def _free_check(name: str, kind: type, value: object) -> Value:
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    if not ok or (kind is not bool and isinstance(value, bool)):
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r} ({_type_name(value)})")
+    if kind is float:
+        value = float(value)  # type: ignore[arg-type]
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def parse_model_space(table: Mapping[str, Any]) -> ModelSpace:
+    """Validate ``[model.space]``; raise ValueError naming the key.  Names are the builder's keyword arguments."""
+    entries = []
+    for name, raw in table.items():
+        if name in PARAMETERS:
+            raise ValueError(f"{name} is hpo's own hyperparameter: set it in [space], not [model.space]")
+        if not name.isidentifier() or name == "model_params":
+            raise ValueError(f"{name!r} is not a Python keyword-argument name")
+        kind = _free_kind(name, raw)
+        entries.append((name, _parse_entry(name, raw, kind, functools.partial(_free_check, name, kind))))
+    return ModelSpace(entries=tuple(entries))

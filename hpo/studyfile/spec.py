@@ -12,7 +12,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -26,7 +26,16 @@ from hpo.studyfile.samplers import (
     PrunerSpec,
     SamplerSpec,
 )
-from hpo.studyfile.space import PARAMETERS, SearchSpace, applies_to, grid, parse_space
+from hpo.studyfile.space import (
+    PARAMETERS,
+    Fixed,
+    ModelSpace,
+    SearchSpace,
+    applies_to,
+    grid,
+    parse_model_space,
+    parse_space,
+)
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -127,11 +136,20 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    # A key of hpo.studyfile.names.MODELS, whose builders hpo.training.models registers.
+    # A built-in model (hpo.studyfile.names.MODELS), or the user's own: an import path
+    # "package.module:build", or a name registered with @hpo.register_model or the hpo.models entry points.
     name: str = "cnn"
+    # The user's own model's hyperparameters ([model.space]); its builder gets them as keyword arguments.
+    space: ModelSpace = ModelSpace()
 
     def __post_init__(self) -> None:
-        _check_name("name", self.name, names.MODELS)
+        problem = names.model_problem(self.name)
+        if problem:
+            raise ValueError(problem)
+        if self.space.entries and not names.is_user_model(self.name):
+            raise ValueError(
+                f"[model.space] is for your own model's hyperparameters; {self.name!r} is built-in and takes [space]'s"
+            )
 
 
 def _check_name(key: str, value: str, table: Mapping[str, object]) -> None:
@@ -243,6 +261,42 @@ DEFAULT_PRUNER = "successive_halving"
 _SECTIONS = ("study", "data", "train", "model", "sampler", "pruner", "space")
 
 
+def _space_misfit(given: Iterable[str], model: str) -> str | None:
+    """Why hyperparameters ``given`` in [space] do not fit ``model`` (an architecture hyperparameter of another), or None."""
+    ignored = [key for key in given if not applies_to(key, model)]
+    if not ignored:
+        return None
+    models = " and ".join(PARAMETERS[ignored[0]].models or ())
+    kind = "your own model (its hyperparameters go in [model.space])" if names.is_user_model(model) else "a fixed architecture"
+    return f"{ignored[0]} shapes the {models} model only; model {model!r} is {kind}"
+
+
+def with_model(spec: StudySpec, name: str) -> StudySpec:
+    """``spec`` training model ``name`` instead (``hpo.search(..., model=builder)``), checked as the study file is."""
+    try:
+        model = ModelSection(name=name, space=spec.model.space)
+    except ValueError as exc:
+        raise SpecError(f"{spec.path}: [model] {exc}") from exc
+    given = [key for key, dist in spec.space.entries if dist != Fixed(PARAMETERS[key].default)]
+    problem = _space_misfit(given, name)
+    if problem:
+        raise SpecError(f"{spec.path}: [space] {problem}")
+    return dataclasses.replace(spec, model=model)
+
+
+def _model_section(path: Path, table: Mapping[str, Any]) -> ModelSection:
+    """[model] with its [model.space] sub-table parsed like [space]."""
+    table = dict(table)
+    raw_space = table.pop("space", {})
+    if not isinstance(raw_space, dict):
+        raise SpecError(f"{path}: [model] space must be a table [model.space], got {raw_space!r}")
+    try:
+        space = parse_model_space(raw_space)
+    except ValueError as exc:
+        raise SpecError(f"{path}: [model.space] {exc}") from exc
+    return _build(ModelSection, {**table, "space": space}, f"{path}: [model]")
+
+
 def load_spec(path: Path) -> StudySpec:
     """Read and validate a study file; every problem raises SpecError naming the file and key."""
     try:
@@ -267,13 +321,10 @@ def load_spec(path: Path) -> StudySpec:
         space = parse_space(raw.get("space", {}))
     except ValueError as exc:
         raise SpecError(f"{path}: [space] {exc}") from exc
-    model = _build(ModelSection, raw.get("model", {}), f"{path}: [model]")
-    ignored = [key for key in raw.get("space", {}) if not applies_to(key, model.name)]
-    if ignored:
-        models = " and ".join(PARAMETERS[ignored[0]].models or ())
-        raise SpecError(
-            f"{path}: [space] {ignored[0]} shapes the {models} model only; model {model.name!r} is a fixed architecture"
-        )
+    model = _model_section(path, raw.get("model", {}))
+    problem = _space_misfit(raw.get("space", {}), model.name)
+    if problem:
+        raise SpecError(f"{path}: [space] {problem}")
     sampler = _typed_section(SAMPLERS, {"type": "tpe", **raw.get("sampler", {})}, f"{path}: [sampler]")
     if isinstance(sampler, GridSamplerSpec):
         try:

@@ -1,8 +1,9 @@
 """Model builders, registered by name: ``@register_model("cnn")`` (timm-style) → ``build_model("cnn", hp, ...)``.
 
-Every builder takes ``(hp, in_channels=, num_classes=, image_size=)``.  The names, and whether
-[space] shapes a model, are declared torch-free in :mod:`hpo.studyfile.names`; a builder may only
-register a name declared there.  The configurable CNN reads the architecture hyperparameters (those
+A built-in builder takes ``(hp, in_channels=, num_classes=, image_size=)``; the names, and whether
+[space] shapes a model, are declared torch-free in :mod:`hpo.studyfile.names`.  Any other name is
+the user's own model (:mod:`hpo.training.user_models`: import path, entry point, or a name
+registered with ``@register_model``, which is ``hpo.register_model``), built from its [model.space].  The configurable CNN reads the architecture hyperparameters (those
 declared ``models=CNN`` in ``hpo.studyfile.space``); ResNet18 and ResNet-9 are fixed architectures.
 The ``init`` hyperparameter applies to every model.
 """
@@ -17,6 +18,7 @@ from torch import nn
 
 from hpo.studyfile import names
 from hpo.studyfile.space import Hyperparameters
+from hpo.training import user_models
 
 Builder = Callable[..., nn.Module]
 
@@ -25,11 +27,17 @@ MODELS: dict[str, Builder] = {}
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Register the decorated builder under ``name``, which hpo.studyfile.names.MODELS must declare."""
-    if name not in names.MODELS:
-        raise ValueError(f"model {name!r} is not declared in hpo.studyfile.names.MODELS")
+    """Register the decorated builder under ``name``: ``@hpo.register_model("mynet")``.
+
+    A user's name gets the user-model contract ``build(in_channels, num_classes, image_size, **params)``
+    and becomes valid in ``[model] name`` in this process; a built-in name (hpo.studyfile.names.MODELS)
+    gets hpo's own ``(hp, *, in_channels, num_classes, image_size)``.
+    """
 
     def register(builder: Builder) -> Builder:
+        if name not in names.MODELS:
+            user_models.register(name, builder)
+            return builder
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice ({MODELS[name].__qualname__}, {builder.__qualname__})")
         MODELS[name] = builder
@@ -186,6 +194,12 @@ def initialize(model: nn.Module, init: str, activation: str) -> None:
 
 
 def build_model(name: str, hp: Hyperparameters, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    if names.is_user_model(name):
+        model = user_models.build_user_model(
+            name, hp.model_params, in_channels=in_channels, num_classes=num_classes, image_size=image_size
+        )
+        initialize(model, hp.init, "relu")
+        return model
     model = MODELS[name](hp, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     # The fixed architectures use ReLU whatever hp.activation says.
     initialize(model, hp.init, hp.activation if names.MODELS[name].configurable else "relu")

@@ -19,7 +19,17 @@ from pathlib import Path
 import optuna
 import torch
 
-from hpo.studyfile.space import PARAMETERS, Fixed, FloatRange, Hyperparameters, IntRange, SearchSpace, Value
+from hpo.studyfile.space import (
+    PARAMETERS,
+    Distribution,
+    Fixed,
+    FloatRange,
+    Hyperparameters,
+    IntRange,
+    ModelSpace,
+    SearchSpace,
+    Value,
+)
 from hpo.studyfile.spec import StudySpec
 from hpo.training.config import EpochResult
 from hpo.training.device import device_name
@@ -68,21 +78,29 @@ def original_number(trial: optuna.trial.FrozenTrial) -> int:
     return int(failed) if failed is not None else trial.number
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace) -> Hyperparameters:
-    """Sample one configuration; a conditional hyperparameter is sampled only when it applies."""
+def _sample(trial: optuna.Trial, name: str, dist: Distribution) -> Value:
+    if isinstance(dist, Fixed):
+        return dist.value
+    if isinstance(dist, FloatRange):
+        return trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, IntRange):
+        return trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    return trial.suggest_categorical(name, dist.choices)  # type: ignore[arg-type]
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace, model_space: ModelSpace | None = None) -> Hyperparameters:
+    """Sample one configuration; a conditional hyperparameter is sampled only when it applies.
+
+    A user model's [model.space] hyperparameters are sampled under their own names too, so they are
+    stored in ``trial.params`` like every other one.
+    """
     values: dict[str, Value] = {}
     for name, dist in space.entries:
         condition = PARAMETERS[name].only_when
         applies = condition is None or values[condition[0]] in condition[1]
-        if isinstance(dist, Fixed) or not applies:
-            values[name] = dist.value if isinstance(dist, Fixed) else PARAMETERS[name].default
-        elif isinstance(dist, FloatRange):
-            values[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
-        elif isinstance(dist, IntRange):
-            values[name] = trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
-        else:
-            values[name] = trial.suggest_categorical(name, dist.choices)  # type: ignore[arg-type]
-    return Hyperparameters(**values)  # type: ignore[arg-type]
+        values[name] = _sample(trial, name, dist) if applies else PARAMETERS[name].default
+    model_params = {name: _sample(trial, name, dist) for name, dist in (model_space.entries if model_space else ())}
+    return Hyperparameters(**values, model_params=model_params)  # type: ignore[arg-type]
 
 
 class EpochRecorder:
@@ -180,7 +198,7 @@ class Objective:
         if self._study_id is None:  # fixed for the study's life: looked up once
             self._study_id = trial.storage.get_study_id_from_name(trial.study.study_name)
         number = original_number(stored_trial(trial, self._study_id))
-        return number, suggest(trial, self.spec.space)
+        return number, suggest(trial, self.spec.space, self.spec.model.space)
 
     def on_trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """After the worker told the result: a finished trial's checkpoint is no longer needed.

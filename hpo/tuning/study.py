@@ -34,6 +34,10 @@ from hpo.tuning.storage import check_existing_storage, open_storage, redact
 
 logger = logging.getLogger(__name__)
 
+# The study user attr naming the model its trials trained ([model] name: built-in, import path or
+# registered name), so that hpo.best, the report and the dashboard know it without the study file.
+MODEL_ATTR = "model"
+
 
 # Each spec dataclass's fields are its Optuna class's keyword arguments, named the same.
 SAMPLER_CLASSES: dict[type, type[optuna.samplers.BaseSampler]] = {
@@ -119,6 +123,12 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker
             f"{spec.path}: [study] study {spec.study.name!r} already exists with direction "
             f"{found.direction.name.lower()!r}, not {direction!r}; choose another name (--study-name)"
         )
+    stored_model = found.user_attrs.get(MODEL_ATTR) if found is not None else None
+    if stored_model is not None and stored_model != spec.model.name:
+        raise StorageError(
+            f"{spec.path}: [model] study {spec.study.name!r} already exists with model {stored_model!r}, "
+            f"not {spec.model.name!r}; choose another name (--study-name)"
+        )
     seed = sampler_seed(
         spec.study.seed, worker_index=worker_index, trials_so_far=0 if found is None else found.n_trials
     )
@@ -131,6 +141,8 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker
         load_if_exists=True,
     )
     study.set_metric_names([spec.study.metric])
+    if stored_model is None:
+        study.set_user_attr(MODEL_ATTR, spec.model.name)
     return study
 
 
