@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from sqlalchemy.engine import make_url
 
+from hpo.dashboard import build_parser as build_dashboard_parser
 from hpo.launching.run_args import build_parser
 from hpo.studyfile.spec import find_study, load_spec
 
@@ -72,5 +73,7 @@ def test_each_worker_runs_hpo_on_its_own_gpu_against_postgres() -> None:
 def test_dashboard_is_bound_to_localhost() -> None:
     dashboard = _compose()["services"]["dashboard"]
     assert all(port.startswith("127.0.0.1:") for port in dashboard["ports"])
-    assert dashboard["entrypoint"][0] == "optuna-dashboard"
-    assert make_url(dashboard["command"][0].replace("${POSTGRES_PASSWORD}", "x")).host == "postgres"
+    assert dashboard["entrypoint"][:3] == ["python", "-m", "hpo.dashboard"]
+    assert "command" not in dashboard and not any("POSTGRES_PASSWORD" in arg for arg in dashboard["entrypoint"])
+    assert make_url(dashboard["environment"]["HPO_STORAGE"].replace("${POSTGRES_PASSWORD}", "x")).host == "postgres"
+    assert build_dashboard_parser().parse_args(dashboard["entrypoint"][3:]).host == "0.0.0.0"

@@ -95,9 +95,10 @@ def test_dashboard_is_a_cluster_internal_service_on_the_study_database() -> None
     service = _one("Service", "hpo-dashboard")
     assert service["spec"]["type"] == "ClusterIP", "reached with kubectl port-forward, not exposed"
     (container,) = _one("Deployment", "hpo-dashboard")["spec"]["template"]["spec"]["containers"]
-    assert container["command"][0] == "optuna-dashboard"
+    assert container["command"][:3] == ["python", "-m", "hpo.dashboard"]
+    assert not any("$(" in arg or "postgres" in arg for arg in container["command"]), "no URL or password in ps"
     env = {e["name"]: e.get("value") for e in container["env"]}
-    url = make_url(_expand(_expand(container["command"][-1], env), {"POSTGRES_PASSWORD": "x"}))
+    url = make_url(_expand(env["HPO_STORAGE"], {"POSTGRES_PASSWORD": "x"}))
     assert url.host == "postgres" and url.database == "hpo"
     selector = service["spec"]["selector"]
     labels = _one("Deployment", "hpo-dashboard")["spec"]["template"]["metadata"]["labels"]

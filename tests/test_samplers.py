@@ -10,7 +10,7 @@ import pytest
 from hpo.studyfile.samplers import PRUNERS, SAMPLERS
 from hpo.studyfile.spec import load_spec
 from hpo.tuning.objective import suggest
-from hpo.tuning.study import PRUNER_CLASSES, SAMPLER_CLASSES, create_pruner, create_sampler
+from hpo.tuning.study import PRUNER_CLASSES, SAMPLER_CLASSES, GridSearch, create_pruner, create_sampler, grid_exhausted
 
 SPACE = """
 [space]
@@ -24,7 +24,7 @@ SAMPLER_CASES = {
     "tpe": ("n_startup_trials = 3\nmultivariate = true\nconstant_liar = false\ngroup = true", optuna.samplers.TPESampler,
             {"n_startup_trials": 3, "multivariate": True, "constant_liar": False, "group": True, "seed": 3}),
     "random": ("", optuna.samplers.RandomSampler, {"seed": 3}),
-    "grid": ("", optuna.samplers.GridSampler, {"search_space": {"lr": (0.01,)}, "seed": 3}),
+    "grid": ("", GridSearch, {"search_space": {"lr": (0.01,)}, "seed": 3}),
     "cmaes": ("n_startup_trials = 4\nsigma0 = 0.3\nwith_margin = true\npopsize = 6", optuna.samplers.CmaEsSampler,
               {"n_startup_trials": 4, "sigma0": 0.3, "with_margin": True, "lr_adapt": False, "popsize": 6,
                "consider_pruned_trials": False, "seed": 3}),
@@ -80,10 +80,12 @@ def test_grid_search_enumerates_its_grid(tmp_path: Path) -> None:
         "dropout = { low = 0.0, high = 0.5, step = 0.25 }\n",
     )
     study = optuna.create_study(sampler=create_sampler(spec, seed=0))
-    study.optimize(lambda t: suggest(t, spec.space).lr, n_trials=50)
+    while not grid_exhausted(study) and len(study.trials) < 50:  # as hpo's worker loop asks, trains and tells
+        trial = study.ask()
+        study.tell(trial, suggest(trial, spec.space).lr)
     points = sorted((t.params["lr"], t.params["depth"], t.params["dropout"]) for t in study.trials)
     expected = sorted((lr, d, p) for lr in (1e-3, 1e-4) for d in (2, 3) for p in (0.0, 0.25, 0.5))
-    assert points == expected, "each of the 12 points once, then the sampler stops the study"
+    assert points == expected, "each of the 12 points once, then the grid is exhausted"
 
 
 PRUNER_CASES = {

@@ -394,7 +394,7 @@ def parse_space(table: Mapping[str, Any]) -> SearchSpace:
     return SearchSpace(entries=tuple(entries))
 
 
-def grid(space: SearchSpace) -> dict[str, tuple[Value, ...]]:
+def grid(space: SearchSpace | ModelSpace) -> dict[str, tuple[Value, ...]]:
     """Every value of every searched hyperparameter, for Optuna's GridSampler; ValueError on a continuous range.
 
     A conditional hyperparameter is part of the grid even where it does not apply, so such grid

@@ -68,6 +68,9 @@ class StudySection:
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ValueError("name must not be empty")
+        if any(not character.isprintable() for character in self.name):
+            # A NUL cannot reach a file name (checkpoints are kept per study) nor most databases.
+            raise ValueError(f"name must be printable characters only, got {self.name!r}")
         expected = DIRECTIONS[self.metric]
         if self.direction is None:
             object.__setattr__(self, "direction", expected)
@@ -186,9 +189,10 @@ class Overrides:
         """``spec`` with these values in place; a UsageError names the flag of a bad one."""
         study, data, train = spec.study, spec.data, spec.train
         if self.study_name is not None:
-            if not self.study_name.strip():
-                raise UsageError("argument --study-name: must not be empty")
-            study = dataclasses.replace(study, name=self.study_name)
+            try:
+                study = dataclasses.replace(study, name=self.study_name)
+            except ValueError as exc:  # the section's own check, as for the study file
+                raise UsageError(f"argument --study-name: {str(exc).removeprefix('name ')}") from None
         if self.seed is not None:
             study = dataclasses.replace(study, seed=self.seed)
         if self.data_dir is not None:
@@ -329,6 +333,7 @@ def load_spec(path: Path) -> StudySpec:
     if isinstance(sampler, GridSamplerSpec):
         try:
             grid(space)
+            grid(model.space)
         except ValueError as exc:
             raise SpecError(f"{path}: [space] {exc}") from exc
     return StudySpec(

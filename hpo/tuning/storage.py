@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 import tempfile
 from collections.abc import Callable
@@ -43,12 +44,32 @@ def resolve_storage(flag: str | None) -> tuple[str, str]:
     return DEFAULT_STORAGE, "default storage"
 
 
+# What make_url raises on a URL it cannot read: its own error, or a port that is no number (a password
+# with an unescaped ":" or "@" moves the host part).
+_UNPARSEABLE = (sqlalchemy.exc.ArgumentError, ValueError)
+
+
+def _make_url(url: str) -> URL:
+    """make_url, refusing a host with "@" in it: the rest of a password with an unescaped "@"."""
+    parsed = make_url(url)
+    if parsed.host is not None and "@" in parsed.host:
+        raise ValueError("an '@' in the host part")
+    return parsed
+
+
+def _mask(url: str) -> str:
+    """An unparseable URL with everything between "://" (or its start) and its last "@" (user and password) as ***."""
+    if "://" in url:
+        return re.sub(r"://.*@", "://***@", url, flags=re.DOTALL)
+    return re.sub(r"^.*@", "***@", url, flags=re.DOTALL)
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced by ***, for messages and logs."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return "<unparseable URL>"
+        return _make_url(url).render_as_string(hide_password=True)
+    except _UNPARSEABLE:
+        return _mask(url)
 
 
 # SQLAlchemy driver name (the part after "+" in a URL, or the backend's default) → what pip installs it.
@@ -70,9 +91,13 @@ DRIVER_PACKAGES = {
 def _parse(url: str, source: str) -> URL:
     """The parsed URL, once its database is known and its driver imports; else StorageError naming the fix."""
     try:
-        parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError as exc:
-        raise StorageError(f"{source}: cannot parse storage URL {url!r} (expected e.g. sqlite:///hpo.db)") from exc
+        parsed = _make_url(url)
+    except _UNPARSEABLE:
+        raise StorageError(
+            f"{source}: cannot parse storage URL {_mask(url)!r} (expected e.g. sqlite:///hpo.db or "
+            "postgresql+psycopg2://user:password@host/db; a password with @, : or / must be percent-encoded as "
+            "%40, %3A, %2F)"
+        ) from None
     try:
         dialect = parsed.get_dialect()
     except sqlalchemy.exc.NoSuchModuleError as exc:
@@ -92,6 +117,23 @@ def _parse(url: str, source: str) -> URL:
         problem = "is not installed" if isinstance(exc, ModuleNotFoundError) else f"cannot be imported ({exc})"
         raise StorageError(f"{source}: driver {dialect.driver!r} for {redact(url)} {problem}: {fix}") from exc
     return parsed
+
+
+# Every session of every worker in UTC: heartbeats are stored as the server's clock in the writing session's
+# time zone and compared in the reading session's, so two hosts configured differently (PGTZ, a server
+# default with daylight saving) would reap each other's live trials. And server-side bounds, so that a
+# frozen worker (Ctrl-Z, a suspended job, a paused VM) cannot block the others silently: its
+# transaction is ended by the server, and a waiting statement fails (and is retried) instead of hanging.
+POSTGRES_SESSION = {
+    "timezone": "UTC",
+    "statement_timeout": f"{IO_TIMEOUT_S}s",
+    "lock_timeout": f"{IO_TIMEOUT_S // 2}s",
+    "idle_in_transaction_session_timeout": f"{IO_TIMEOUT_S}s",
+}
+MYSQL_SESSION = {
+    "time_zone": "'+00:00'",
+    "innodb_lock_wait_timeout": str(IO_TIMEOUT_S // 2),  # seconds
+}
 
 
 def engine_kwargs(url: URL) -> dict[str, Any]:
@@ -119,10 +161,12 @@ def engine_kwargs(url: URL) -> dict[str, Any]:
             "keepalives_interval": 5,  # seconds between probes
             "keepalives_count": 3,
             "tcp_user_timeout": IO_TIMEOUT_S * 1000,  # milliseconds unacknowledged data may wait
+            "options": " ".join(f"-c {name}={value}" for name, value in POSTGRES_SESSION.items()),
         }
     elif driver in ("pymysql", "mysqldb"):
         kwargs["connect_args"] = {
             "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": IO_TIMEOUT_S, "write_timeout": IO_TIMEOUT_S,
+            "init_command": "SET " + ", ".join(f"SESSION {name} = {value}" for name, value in MYSQL_SESSION.items()),
         }
     return kwargs
 
@@ -174,8 +218,12 @@ def check_storage(url: str, source: str, *, writable: bool = True) -> None:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The database file of a SQLite URL, or None for other databases and in-memory SQLite."""
-    parsed = make_url(url)
+    """The database file of a SQLite URL, or None for other databases, in-memory SQLite and unparseable URLs
+    (which check_storage then reports)."""
+    try:
+        parsed = _make_url(url)
+    except _UNPARSEABLE:
+        return None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database).expanduser()
@@ -214,12 +262,33 @@ def open_storage(
             # at once, without its busy timeout, while another worker is creating the same file.
             absorb_start_race("switch the SQLite file to write-ahead logging", lambda: _write_ahead_logging(path))
         # Workers started together on a fresh database all try to create the tables: retry the losers.
-        return absorb_start_race(
+        storage = absorb_start_race(
             "create the storage tables",
             lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(parsed), **heartbeat),
         )
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as exc:
         raise StorageError(f"{source}: cannot open {redact(url)}: {first_line(exc)}") from exc
+    if parsed.get_backend_name() == "postgresql":
+        _pin_utc(storage.engine)
+    return storage
+
+
+def _pin_utc(engine: sqlalchemy.engine.Engine) -> None:
+    """Every new PostgreSQL session of this storage in UTC, whatever $PGTZ says.
+
+    libpq sends PGTZ as a startup parameter, which the server applies after the connection's
+    ``options``, so ``-c timezone=UTC`` alone loses to it; a SET on connect does not.  Connections
+    Optuna opened before (to create the tables) are closed, so that none escapes.
+    """
+
+    def utc(dbapi_connection: Any, record: object) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET TIME ZONE 'UTC'")
+        cursor.close()
+        dbapi_connection.commit()
+
+    sqlalchemy.event.listen(engine, "connect", utc)
+    engine.dispose()
 
 
 def _write_ahead_logging(path: Path) -> None:

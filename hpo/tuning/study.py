@@ -6,11 +6,12 @@ import dataclasses
 import hashlib
 import logging
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
 
-from hpo.errors import StorageError
+from hpo.errors import SpecError, StorageError, first_line
 from hpo.studyfile.samplers import (
     CmaEsSamplerSpec,
     GpSamplerSpec,
@@ -26,7 +27,7 @@ from hpo.studyfile.samplers import (
     ThresholdPrunerSpec,
     TpeSamplerSpec,
 )
-from hpo.studyfile.space import grid
+from hpo.studyfile.space import Choice, Distribution, Fixed, FloatRange, IntRange, grid
 from hpo.studyfile.spec import StudySpec
 from hpo.tuning.budget import FINISHED_STATES
 from hpo.tuning.outage import absorb_start_race
@@ -39,11 +40,32 @@ logger = logging.getLogger(__name__)
 MODEL_ATTR = "model"
 
 
+class GridSearch(optuna.samplers.GridSampler):
+    """Optuna's GridSampler for ask-and-tell workers: the worker loop stops once ``is_exhausted``.
+
+    GridSampler.after_trial calls ``study.stop()``, which works only inside ``study.optimize`` and
+    raises anywhere else, at the very end of a grid study, after the last trial was stored but before
+    its worker could clean up.  hpo's workers ask and tell, so they check ``is_exhausted`` before
+    each trial instead (:func:`grid_exhausted`).
+    """
+
+    def after_trial(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: optuna.trial.TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        return None
+
+
+def grid_exhausted(study: optuna.Study) -> bool:
+    """Whether the study is a grid search every point of which has been tried (or is being tried)."""
+    return isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
+
+
 # Each spec dataclass's fields are its Optuna class's keyword arguments, named the same.
 SAMPLER_CLASSES: dict[type, type[optuna.samplers.BaseSampler]] = {
     TpeSamplerSpec: optuna.samplers.TPESampler,
     RandomSamplerSpec: optuna.samplers.RandomSampler,
-    GridSamplerSpec: optuna.samplers.GridSampler,
+    GridSamplerSpec: GridSearch,
     CmaEsSamplerSpec: optuna.samplers.CmaEsSampler,
     GpSamplerSpec: optuna.samplers.GPSampler,
     QmcSamplerSpec: optuna.samplers.QMCSampler,
@@ -64,8 +86,7 @@ PRUNER_CLASSES: dict[type, type[optuna.pruners.BasePruner]] = {
 def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
     options: dict[str, Any] = dataclasses.asdict(spec.sampler)
     if isinstance(spec.sampler, GridSamplerSpec):
-        # Stops the study by itself once every grid point has been tried.
-        options["search_space"] = grid(spec.space)
+        options["search_space"] = {**grid(spec.space), **grid(spec.model.space)}
     return SAMPLER_CLASSES[type(spec.sampler)](**options, seed=seed)
 
 
@@ -129,6 +150,8 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker
             f"{spec.path}: [model] study {spec.study.name!r} already exists with model {stored_model!r}, "
             f"not {spec.model.name!r}; choose another name (--study-name)"
         )
+    if found is not None:
+        _check_distributions(spec, storage)
     seed = sampler_seed(
         spec.study.seed, worker_index=worker_index, trials_so_far=0 if found is None else found.n_trials
     )
@@ -144,6 +167,50 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker
     if stored_model is None:
         study.set_user_attr(MODEL_ATTR, spec.model.name)
     return study
+
+
+def optuna_distribution(dist: Distribution) -> optuna.distributions.BaseDistribution | None:
+    """The Optuna distribution ``trial.suggest_*`` records for a [space] entry; None for a fixed value."""
+    if isinstance(dist, FloatRange):
+        return optuna.distributions.FloatDistribution(dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, IntRange):
+        return optuna.distributions.IntDistribution(dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, Choice):
+        return optuna.distributions.CategoricalDistribution(dist.choices)
+    return None
+
+
+def _check_distributions(spec: StudySpec, storage: optuna.storages.BaseStorage) -> None:
+    """An edited study file resumes only where Optuna can: the same choices for a categorical, the same
+    kind and log scale for a range (a range's bounds may move).  Else one line naming the hyperparameter."""
+    wanted = {
+        name: optuna_distribution(dist)
+        for name, dist in (*spec.space.entries, *spec.model.space.entries)
+        if not isinstance(dist, Fixed)
+    }
+    study_id = storage.get_study_id_from_name(spec.study.name)
+    for trial in storage.get_all_trials(study_id, deepcopy=False):
+        for name, stored in trial.distributions.items():
+            new = wanted.pop(name, None)
+            if new is None:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(stored, new)
+            except ValueError as exc:
+                raise SpecError(
+                    f"{spec.path}: [space] {name}: the study {spec.study.name!r} searched it as {_shown(stored)}, "
+                    f"the study file now as {_shown(new)} ({first_line(exc)}); keep it, or start another study "
+                    "(--study-name)"
+                ) from None
+        if not wanted:
+            return
+
+
+def _shown(dist: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return f"choices {list(dist.choices)}"
+    assert isinstance(dist, (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution))
+    return f"{dist.low}..{dist.high}{' log' if dist.log else ''}"
 
 
 def load_existing_study(url: str, source: str, name: str, *, flag: str) -> optuna.Study:

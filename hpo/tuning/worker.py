@@ -27,6 +27,7 @@ from hpo.tuning.heartbeat import Heartbeat, Reaper
 from hpo.tuning.objective import TrialAbandoned, TrialFailed
 from hpo.tuning.outage import StorageGuard
 from hpo.tuning.storage import retry_callback
+from hpo.tuning.study import grid_exhausted
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +228,9 @@ def _loop(worker: _Worker, *, budget: int, deadline: float | None) -> int:
         worker.stop.raise_if_requested()
         step = worker.guard.call("count the study's trials", lambda: Tally.of(worker.study)).next(budget)
         if step is Next.STOP:
+            break
+        if worker.guard.call("look at the grid", lambda: grid_exhausted(worker.study)):
+            logger.info("every point of the grid has been tried: stopping below the budget of %d", budget)
             break
         if step is Next.WAIT:
             if not waiting_logged:

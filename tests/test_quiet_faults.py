@@ -1,0 +1,158 @@
+"""Quiet faults that used to end in a traceback: a grid that runs out, an edited study file, passwords, odd names.
+
+Each was first reproduced on the previous main (a traceback, exit 1, and something written); here each is
+one line and exit code 2, with nothing written, or a clean exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+from PIL import Image
+
+from conftest import write_study
+from hpo.run import main
+from hpo.studyfile.spec import load_spec
+from hpo.tuning.objective import suggest
+from hpo.tuning.storage import open_storage
+from hpo.tuning.study import open_study
+
+SECRET = "P@ss:w0rd"
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 8), ("test", 2)):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+    return root
+
+
+def _study_file(folder: Path, pictures: Path, optimizers: str) -> Path:
+    path = folder / "edited.toml"
+    path.write_text(
+        f'[study]\nname = "edited"\n[data]\ndataset = "image_folder"\ndata_dir = "{pictures.as_posix()}"\n'
+        f'image_size = 12\n[train]\nmax_epochs = 1\ndevice = "cpu"\n[space]\nlr = {{ low = 1e-3, high = 1e-1, log = true }}\n'
+        f"optimizer = {{ choices = {optimizers} }}\ndepth = 1\nbase_width = 4\n"
+    )
+    return path
+
+
+def test_an_edited_categorical_is_one_line_naming_it_and_nothing_is_written(
+    tmp_path: Path, pictures: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study = open_study(load_spec(_study_file(tmp_path, pictures, '["sgd", "adamw"]')), open_storage(url, "--storage"))
+    trial = study.ask()
+    study.tell(trial, suggest(trial, load_spec(tmp_path / "edited.toml").space).lr)
+    edited = _study_file(tmp_path, pictures, '["sgd", "adam"]')
+    assert main(["--study", str(edited), "--n-trials", "3", "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hpo.run: error: {edited}: [space] optimizer: the study 'edited' searched it as choices "
+                          "['sgd', 'adamw'], the study file now as choices ['sgd', 'adam']"), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert len(optuna.load_study(study_name="edited", storage=url).trials) == 1, "no FAIL trial written"
+
+
+def test_a_moved_range_resumes(tmp_path: Path, pictures: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    spec = load_spec(_study_file(tmp_path, pictures, '["sgd"]'))
+    study = open_study(spec, open_storage(url, "--storage"))
+    trial = study.ask()
+    study.tell(trial, suggest(trial, spec.space).lr)
+    moved = tmp_path / "edited.toml"
+    moved.write_text(moved.read_text().replace("low = 1e-3, high = 1e-1", "low = 1e-4, high = 1e-2"))
+    assert open_study(load_spec(moved), open_storage(url, "--storage")).trials[0].state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql+psycopg2://u:{SECRET}@host:5432/x",  # ":" moves the port: not a number
+        f"postgresql+psycopg2://u:{SECRET.replace(':', '')}@127.0.0.1:1/x",  # "@" moves the host
+        f"not a url {SECRET}@",
+    ],
+)
+def test_a_storage_url_with_special_characters_is_one_line_without_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HPO_STORAGE", url)
+    assert main(["--study", "quick", "--n-trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hpo.run: error: HPO_STORAGE: cannot parse storage URL") and err.count("\n") == 1, err
+    assert "percent-encoded" in err and "w0rd" not in err and "Pss" not in err and "P@ss" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_study_name_with_a_control_character_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--study", "quick", "--n-trials", "1", "--study-name", "a\x00b"]) == 2
+    assert capsys.readouterr().err == "hpo.run: error: argument --study-name: must be printable characters only, got 'a\\x00b'\n"
+    (tmp_path / "nul.toml").write_text('[study]\nname = "x\\u0000y"\n')
+    assert main(["--study", str(tmp_path / "nul.toml"), "--n-trials", "1"]) == 2
+    assert "[study]: name must be printable characters only" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nul.toml"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_trials", [2, 3])
+def test_a_grid_study_ends_with_exit_0_once_its_grid_is_exhausted(tmp_path: Path, archive: Path, n_trials: int) -> None:
+    study_file = write_study(tmp_path, archive=archive, max_epochs=1, sampler="grid", lr="{ choices = [0.01, 0.05] }")
+    study_file.write_text(study_file.read_text().replace("batch_size = { choices = [32, 64] }", "batch_size = 64")
+                          .replace("depth = { low = 1, high = 2 }", "depth = 1")
+                          .replace('optimizer = { choices = ["sgd", "adamw"] }', 'optimizer = "sgd"'))
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    done = subprocess.run(
+        [sys.executable, "-m", "hpo.run", "--study", str(study_file), "--n-trials", str(n_trials), "--storage", url, "-q"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert sorted(t.params["lr"] for t in study.trials) == [0.01, 0.05]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert not any((tmp_path / "hpo-checkpoints").rglob("*.pt")), "no checkpoint left behind"
+
+
+@pytest.mark.parametrize("server", ["postgresql", "mariadb"])
+def test_every_database_session_is_in_utc_with_server_side_timeouts(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the client's zone (PGTZ, TZ), hpo's sessions read and write heartbeats in UTC, with bounds."""
+    from faults import server_url
+
+    monkeypatch.setenv("PGTZ", "Asia/Tokyo")
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    engine = open_storage(server_url(server), "--storage").engine
+    try:
+        with engine.connect() as connection:
+            if server == "postgresql":
+                shown = {name: connection.exec_driver_sql(f"SHOW {name}").scalar()
+                         for name in ("timezone", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")}
+                assert shown == {"timezone": "UTC", "statement_timeout": "1min", "lock_timeout": "30s",
+                                 "idle_in_transaction_session_timeout": "1min"}
+            else:
+                zone, wait = connection.exec_driver_sql("SELECT @@session.time_zone, @@session.innodb_lock_wait_timeout").one()
+                assert (zone, int(wait)) == ("+00:00", 30)
+            # The clock a heartbeat is written with reads as UTC in this session.
+            offset = connection.exec_driver_sql(
+                "SELECT EXTRACT(EPOCH FROM (LOCALTIMESTAMP - (now() AT TIME ZONE 'UTC')))" if server == "postgresql"
+                else "SELECT TIMESTAMPDIFF(SECOND, UTC_TIMESTAMP(), NOW())"
+            ).scalar()
+            assert abs(float(offset)) < 5
+    finally:
+        engine.dispose()
