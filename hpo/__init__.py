@@ -8,6 +8,9 @@ The Python API (the ``python -m hpo.*`` commands are shells over it)::
     saved = hpo.retrain(study)                        # the best trial, retrained and tested once: a SavedModel
     hpo.save_model(saved, Path("checkpoints/quick-best.pt"))
     hpo.write_report(study, out="reports/quick")      # report.html, trials.csv, summary.json
+    # images already in memory (numpy or torch, NHWC or NCHW, uint8 or float in [0, 1]) instead of [data] dataset:
+    study = hpo.search("quick", n_trials=8, data=hpo.ArrayData(x_train, y_train, x_test, y_test))
+    saved = hpo.retrain(study, data=hpo.ArrayData(x_train, y_train, x_test, y_test))
 
 Each is imported on first use, so ``import hpo`` loads neither torch nor Optuna.
 """
@@ -29,15 +32,17 @@ _API = {
     "load_model": "hpo.results.retrain",
     "write_report": "hpo.results.report",
     "Hyperparameters": "hpo.studyfile.space",
+    "ArrayData": "hpo.training.arrays",
 }
 
-__all__ = ["Hyperparameters", "SavedModel", "load_model", "replay", "retrain", "save_model", "search", "write_report"]
+__all__ = ["ArrayData", "Hyperparameters", "SavedModel", "load_model", "replay", "retrain", "save_model", "search", "write_report"]
 
 if TYPE_CHECKING:
     from hpo.launching.session import search
     from hpo.results.report import write_report
     from hpo.results.retrain import SavedModel, load_model, replay, retrain, save_model
     from hpo.studyfile.space import Hyperparameters
+    from hpo.training.arrays import ArrayData
 
 
 def __getattr__(name: str) -> object:
