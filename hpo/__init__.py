@@ -8,6 +8,9 @@ The Python API (the ``python -m hpo.*`` commands are shells over it)::
     saved = hpo.retrain(study)                        # the best trial, retrained and tested once: a SavedModel
     hpo.save_model(saved, Path("checkpoints/quick-best.pt"))
     hpo.write_report(study, out="reports/quick")      # report.html, trials.csv, summary.json
+    # images already in memory (numpy or torch, NHWC or NCHW, uint8 or float in [0, 1]) instead of [data] dataset:
+    study = hpo.search("quick", n_trials=8, data=hpo.ArrayData(x_train, y_train, x_test, y_test))
+    saved = hpo.retrain(study, data=hpo.ArrayData(x_train, y_train, x_test, y_test))
 
     @hpo.register_model("mynet")                      # your own model: [model] name = "mynet"
     def build(in_channels, num_classes, image_size, *, width=32): ...
@@ -33,11 +36,12 @@ _API = {
     "write_report": "hpo.results.report",
     "Hyperparameters": "hpo.studyfile.space",
     "register_model": "hpo.training.models",
+    "ArrayData": "hpo.training.arrays",
 }
 
 __all__ = [
-    "Hyperparameters", "SavedModel", "load_model", "register_model", "replay", "retrain", "save_model", "search",
-    "write_report",
+    "ArrayData", "Hyperparameters", "SavedModel", "load_model", "register_model", "replay", "retrain", "save_model",
+    "search", "write_report",
 ]
 
 if TYPE_CHECKING:
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
     from hpo.results.report import write_report
     from hpo.results.retrain import SavedModel, load_model, replay, retrain, save_model
     from hpo.studyfile.space import Hyperparameters
+    from hpo.training.arrays import ArrayData
     from hpo.training.models import register_model
 
 

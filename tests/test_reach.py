@@ -290,6 +290,17 @@ def test_mixup_reaches_the_batches_and_the_loss(tmp_path: Path) -> None:
         assert batch.partner_labels is None and torch.equal(batch.inputs, plain(batch.labels))
 
 
+def test_resized_crop_and_its_scale_reach_the_batches(tmp_path: Path) -> None:
+    batch, plain = _first_batch({"crop": "resized", "crop_scale": 0.35}, tmp_path)
+    original = plain(batch.labels)
+    assert batch.inputs.shape == original.shape and batch.inputs.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.allclose(batch.inputs, original, atol=1e-3), "the images are cropped and resized"
+    whole, plain = _first_batch({"crop": "resized", "crop_scale": 1.0}, tmp_path)
+    assert torch.allclose(whole.inputs, plain(whole.labels), atol=1e-4), "crop_scale 1 keeps the whole (square) image"
+    off, plain = _first_batch({"crop": "resized", "crop_scale": 0.35}, tmp_path, augment=False)
+    assert torch.equal(off.inputs, plain(off.labels)), "[train] augment = false turns it off"
+
+
 def test_every_declared_model_exists() -> None:
     declared = {model for param in PARAMETERS.values() for model in param.models or ()}
     assert declared and declared <= set(MODELS)
@@ -305,7 +316,7 @@ def test_batch_size_reaches_the_batches(tmp_path: Path) -> None:
 def test_every_hyperparameter_has_a_reach_test() -> None:
     covered = set(MODEL_CHECKS) | set(OPTIMIZER_CHECKS) | {
         "init", "schedule", "step_size", "gamma", "warmup_fraction", "l1", "label_smoothing", "class_weighting",
-        "crop_padding", "flip", "batch_size", "cutout", "mixup_alpha",
+        "crop_padding", "flip", "batch_size", "cutout", "mixup_alpha", "crop", "crop_scale",
     }
     assert covered == set(PARAMETERS)
 

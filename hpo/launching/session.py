@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # imported lazily below: a bad setting should fail fast, befo
     import optuna
     import torch
 
+    from hpo.training.arrays import ArrayData
+    from hpo.training.memory import Placement
     from hpo.training.splits import Dataset
     from hpo.tuning.objective import EpochListener, Objective
     from hpo.tuning.outage import StorageGuard
@@ -110,16 +112,59 @@ def _launch_plan(overrides: Overrides, settings: SearchSettings, storage_url: st
     return gpus
 
 
-def _check(request: RunRequest, file_spec: StudySpec | None) -> _Checked:
+def _check_in_python(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | None) -> None:
+    """What only Python callers can get wrong: a spec or arrays in memory that launched workers would never see."""
+    if data is not None:
+        from hpo.training.arrays import ArrayData
+
+        if not isinstance(data, ArrayData):
+            raise UsageError(f"argument data: must be an hpo.ArrayData, got {type(data).__name__}")
+    if request.settings.launching:
+        # Launched workers read the study file and its dataset themselves.
+        if file_spec is not None:
+            raise UsageError("argument --gpus/--workers-per-gpu: not allowed with a study spec given in Python")
+        if data is not None:
+            raise UsageError(
+                "argument data: not allowed with gpus/workers_per_gpu: launched workers read the study file's "
+                "[data] dataset, not arrays in this process (save them as an image folder and give data_dir)"
+            )
+    if data is not None and request.overrides.data_dir is not None:
+        raise UsageError("argument data_dir: not allowed with data (the arrays replace the study file's dataset)")
+
+
+def _placement(gpus: tuple[str, ...] | None, device: torch.device | None, settings: SearchSettings) -> Placement:
+    """Where the data will be held: by this process on its device, or by every launched worker on its GPU."""
+    import torch
+
+    from hpo.training.memory import Placement
+
+    if gpus is None:
+        assert device is not None
+        return Placement(devices=(device,))
+    devices = tuple(torch.device("cuda", int(i)) for i in gpus)
+    per_device = settings.workers_per_gpu
+    return Placement(devices=devices, processes=max(1, len(gpus)) * per_device, per_device=per_device)
+
+
+def _load(spec: StudySpec, data: ArrayData | None, placement: Placement) -> Dataset:
+    """The arrays given in Python, else the study file's dataset (launching: decoded and cached once, before the workers start)."""
+    if data is not None:
+        from hpo.training.arrays import array_dataset
+
+        return array_dataset(data, spec.data, placement=placement)
+    from hpo.training.datasets import load_dataset
+
+    return load_dataset(spec.data, placement=placement)
+
+
+def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | None = None) -> _Checked:
     """Every check, cheapest first, so that bad input never leaves anything in the storage."""
     from hpo.folders import writable_folder
     from hpo.training.device import resolve_device
     from hpo.tuning.storage import check_storage, default_checkpoint_dir, resolve_storage
 
     overrides, settings = request.overrides, request.settings
-    if file_spec is not None and settings.launching:
-        # Launched workers read the study file themselves; a spec changed in memory would not reach them.
-        raise UsageError("argument --gpus/--workers-per-gpu: not allowed with a study spec given in Python")
+    _check_in_python(request, file_spec, data)
     spec = overrides.apply(file_spec if file_spec is not None else load_spec(find_study(request.study)))
     grace_period = settings.effective_grace_period()
     storage_url, storage_source = resolve_storage(settings.storage)
@@ -128,10 +173,7 @@ def _check(request: RunRequest, file_spec: StudySpec | None) -> _Checked:
     device = None
     if gpus is None:
         device = resolve_device(spec.train.device, "--device" if overrides.device else f"{spec.path}: [train] device")
-
-    from hpo.training.datasets import load_dataset
-
-    dataset = load_dataset(spec.data)  # launching: decodes and caches once, before the workers start
+    dataset = _load(spec, data, _placement(gpus, device, settings))
     _check_model(spec, dataset)
     checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else default_checkpoint_dir(storage_url)
     writable_folder(checkpoint_dir, "--checkpoint-dir" if settings.checkpoint_dir else "default checkpoint folder")
@@ -155,23 +197,30 @@ def _check_model(spec: StudySpec, dataset: Dataset) -> None:
 
 
 def run_search(
-    request: RunRequest, listeners: Listeners = Listeners(), *, spec: StudySpec | None = None
+    request: RunRequest, listeners: Listeners = Listeners(), *, spec: StudySpec | None = None,
+    data: ArrayData | None = None,
 ) -> SearchResult:
     """Run (or resume) the study until it holds ``n_trials`` finished trials, here or in launched workers.
 
     ``spec``: the study file already read (and perhaps changed in code, as bench/search.py does)
-    instead of reading ``request.study``; in-process trials only.
+    instead of reading ``request.study``; ``data``: images in memory instead of the study file's
+    dataset (recorded in the study, so that hpo.retrain asks for them again).  Both: in-process trials only.
     """
     from hpo.tuning.storage import open_storage, redact
     from hpo.tuning.study import count_finished, open_study
 
-    checked = _check(request, spec)
+    checked = _check(request, spec, data)
     settings = request.settings
     storage = open_storage(
         checked.storage_url, checked.storage_source, heartbeat_interval=settings.heartbeat_interval,
         grace_period=checked.grace_period,
     )
     study = open_study(checked.spec, storage, worker_index=settings.worker_index or 0)
+    if data is not None:
+        from hpo.training.arrays import ARRAY_DATA_ATTR, array_summary
+
+        assert checked.dataset is not None
+        study.set_user_attr(ARRAY_DATA_ATTR, array_summary(checked.dataset))
     storage_shown = redact(checked.storage_url)
     done = count_finished(study)
     before = len(study.trials)
@@ -272,6 +321,7 @@ def search(
     storage_patience: float = DEFAULT_PATIENCE_S,
     on_epoch: EpochListener | None = None,
     model: Callable[..., torch.nn.Module] | None = None,
+    data: ArrayData | None = None,
 ) -> optuna.Study:
     """Run or resume the search that study file ``study`` (a name in studies/ or a path) describes.
 
@@ -282,7 +332,8 @@ def search(
     ``on_epoch(trial_number, epoch_result)`` sees every epoch of every trial run in this process.
     ``model``: your own builder, ``build(in_channels, num_classes, image_size, **params) -> nn.Module``,
     instead of the study file's ``[model] name`` (its ``[model.space]`` still gives the params); trials
-    run in this process.
+    run in this process.  ``data``: an :class:`hpo.ArrayData` of images in memory, trained on instead of the
+    study file's ``[data] dataset`` (in this process only: not with ``gpus`` or ``workers_per_gpu``).
     """
     if n_trials < 1:
         raise UsageError(f"argument --n-trials: must be a positive integer, got {n_trials!r}")
@@ -295,7 +346,8 @@ def search(
             storage_patience=storage_patience,
         ),
     )
-    result = run_search(request, Listeners(on_epoch=on_epoch), spec=None if model is None else _with_model(study, model))
+    spec = None if model is None else _with_model(study, model)
+    result = run_search(request, Listeners(on_epoch=on_epoch), spec=spec, data=data)
     if result.exit_code != 0:
         raise WorkersFailed(result.exit_code)
     return result.study

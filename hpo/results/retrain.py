@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from hpo.studyfile.space import Hyperparameters
+    from hpo.training.arrays import ArrayData
     from hpo.training.config import EpochResult, TrainConfig
+    from hpo.training.memory import Placement
     from hpo.training.splits import Dataset, SearchData
     from hpo.training.user_models import UserBuilder
 
@@ -170,12 +172,15 @@ class _Prepared:
 
 def _prepare(
     study: optuna.Study, trial: int | None, *, study_file: str | Path | None, device: str | None, data_dir: str | None,
-    model: UserBuilder | None,
+    model: UserBuilder | None = None,
+    data: ArrayData | None = None,
 ) -> _Prepared:
-    from hpo.training.datasets import load_dataset
     from hpo.training.device import resolve_device
+    from hpo.training.memory import Placement
     from hpo.tuning.study import MODEL_ATTR
 
+    if data is not None and data_dir is not None:
+        raise UsageError("argument data_dir: not allowed with data (the arrays replace the study file's dataset)")
     spec = Overrides(device=device, data_dir=data_dir).apply(spec_for_study(study.study_name, study_file))
     if model is not None:
         from hpo.training.user_models import reference
@@ -189,7 +194,37 @@ def _prepare(
         )
     picked = pick_trial(study, trial)
     resolved = resolve_device(spec.train.device, "--device" if device else f"{spec.path}: [train] device")
-    return _Prepared(spec=spec, trial=picked, device=resolved, dataset=load_dataset(spec.data))
+    dataset = _dataset(study, spec, data, Placement(devices=(resolved,)))
+    return _Prepared(spec=spec, trial=picked, device=resolved, dataset=dataset)
+
+
+def _dataset(study: optuna.Study, spec: StudySpec, data: ArrayData | None, placement: Placement) -> Dataset:
+    """The images the study was searched on: the arrays it recorded (given again as ``data``), else its study file's dataset."""
+    from hpo.training.arrays import ARRAY_DATA_ATTR, ArrayData, array_dataset, array_summary
+    from hpo.training.datasets import load_dataset
+
+    if data is not None and not isinstance(data, ArrayData):
+        raise UsageError(f"argument data: must be an hpo.ArrayData, got {type(data).__name__}")
+    searched_on = study.user_attrs.get(ARRAY_DATA_ATTR)
+    if data is None:
+        if searched_on is not None:
+            raise UsageError(
+                f"--study: study {study.study_name!r} was searched on arrays given in Python (hpo.ArrayData); "
+                "pass the same arrays again: hpo.retrain(study, data=...)"
+            )
+        return load_dataset(spec.data, placement=placement)
+    if searched_on is None:
+        raise UsageError(f"argument data: study {study.study_name!r} was searched on its study file's dataset, not on arrays")
+    dataset = array_dataset(data, spec.data, placement=placement)
+    given = array_summary(dataset)
+    differs = [key for key in given if given[key] != searched_on.get(key)]
+    if differs:
+        key = differs[0]
+        raise UsageError(
+            f"argument data: not the arrays study {study.study_name!r} was searched on: "
+            f"{key} {searched_on.get(key)!r}, got {given[key]!r}"
+        )
+    return dataset
 
 
 # Called with the re-evaluations (best mean first) and the trial they chose, before it is retrained.
@@ -208,6 +243,7 @@ def retrain(
     on_reevaluated: ReevaluationListener | None = None,
     before_training: Callable[[], None] | None = None,
     model: UserBuilder | None = None,
+    data: ArrayData | None = None,
 ) -> SavedModel:
     """Retrain trial number ``trial`` of ``study`` (default: the best) on training + validation data; test it once.
 
@@ -217,12 +253,14 @@ def retrain(
     ``before_training`` runs once every input is checked and before anything trains (hpo.best checks
     its output folder there).  ``model``: the builder a study searched through ``hpo.search(..., model=)``.
     ``study_file`` defaults to the study file named like the study (``cifar`` for study ``cifar``);
-    ``device`` and ``data_dir`` replace the study file's.  Save the result with :func:`save_model`.
+    ``device`` and ``data_dir`` replace the study file's.  A study searched on arrays in memory
+    (``hpo.search(..., data=hpo.ArrayData(...))``) needs the same arrays again as ``data``.  Save the
+    result with :func:`save_model`.
     """
     from hpo.studyfile.space import from_params
 
     check_reevaluation(top=top, seeds=seeds, trial=trial)
-    prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir, model=model)
+    prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir, model=model, data=data)
     spec, picked = prepared.spec, prepared.trial
     check_test_images(prepared.dataset)
     if before_training is not None:
@@ -253,12 +291,14 @@ def replay(
     device: str | None = None,
     data_dir: str | None = None,
     model: UserBuilder | None = None,
+    data: ArrayData | None = None,
 ) -> Replay:
     """Retrain trial ``trial`` (default: the best) as the search did: training part, same validation split,
-    seed and epochs; its recomputed metric per epoch beside the stored one.  Nothing is saved."""
+    seed and epochs; its recomputed metric per epoch beside the stored one.  Nothing is saved.
+    ``data``: the arrays a study searched on arrays was given."""
     from hpo.studyfile.space import from_params
 
-    prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir, model=model)
+    prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir, model=model, data=data)
     spec, picked = prepared.spec, prepared.trial
     epochs = replay_trial(spec, picked, from_params(picked.params, spec.space, spec.model.space), prepared.dataset, prepared.device)
     return Replay(trial=picked, device=str(prepared.device), metric=spec.study.metric, epochs=epochs)
@@ -369,7 +409,11 @@ def reevaluate(
 
 
 def check_test_images(dataset: Dataset) -> None:
+    from hpo.training.arrays import ARRAYS_NAME
+
     if len(dataset.test_labels) == 0:
+        if dataset.name == ARRAYS_NAME:
+            raise DataError("ArrayData: no test_images: the retrained model is tested on them")
         raise DataError(f"data_dir: no test images in {dataset.source} (test/<class>/): the retrained model is tested on them")
 
 

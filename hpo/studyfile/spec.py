@@ -93,8 +93,9 @@ class DataSection:
     # Random subsets of the training and validation parts (None: all of it), for quick studies.
     train_subset: int | None = None
     val_subset: int | None = None
-    # Side in pixels that images are resized to; None: the dataset's own (CIFAR 32, MNIST 28,
-    # image folders 32).
+    # Side in pixels that images are resized to (an image folder's photos: the shorter side, then a
+    # centre crop); None: what the model asks for (hpo.training.datasets.load_dataset's
+    # default_image_size), else the dataset's own (CIFAR 32, MNIST 28, image folders 32).
     image_size: int | None = None
     # Colour channels, 1 (grayscale) or 3 (RGB); None: the dataset's own (MNIST 1, CIFAR 3), and
     # for image folders 1 when every training image is gray, else 3.
@@ -120,8 +121,9 @@ class DataSection:
 class TrainSection:
     max_epochs: int = 10
     device: str = "auto"
-    # Random crop and horizontal flip of training images, on the device; their strength is the
-    # crop_padding and flip hyperparameters of [space]. false: no augmentation whatever [space] says.
+    # Random crop and horizontal flip of training images, on the device; their kind and strength are the
+    # crop, crop_padding, crop_scale and flip hyperparameters of [space]. false: no augmentation whatever
+    # [space] says.
     augment: bool = True
     # torch.compile the model. Off by default: every trial pays the compile time again, which
     # faster epochs must repay; bench/throughput.py --compile measures both ways.

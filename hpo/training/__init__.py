@@ -1,9 +1,11 @@
 """Training, which knows nothing of Optuna: datasets → uint8 tensors on the device once → batches → fit → epoch results.
 
 - ``datasets``:     datasets by name from their first source (folder, archive, torchvision), resized, normalized
-- ``imagefolder``:  image folders and archives decoded once and cached
+- ``imagefolder``:  image folders and archives counted, decoded once (shorter side, centre crop) and cached
+- ``memory``:       the memory check: host and device estimate before decoding, the image_size that fits
+- ``arrays``:       ``ArrayData``: images in memory (numpy, torch) as a dataset, checked
 - ``splits``:       ``Dataset`` in memory; the validation part carved from training; the retraining split
-- ``batches``:      THE batch pipeline on the device: shuffle, crop and flip, normalize, cutout, mixup
+- ``batches``:      THE batch pipeline on the device: shuffle, crop and flip (padded or resized), normalize, cutout, mixup
 - ``models``:       model builders registered by name (``@register_model``)
 - ``optimization``: the optimizer, learning-rate schedule and training loss a trial asks for
 - ``config``:       ``TrainConfig`` (into the loop) and ``EpochResult`` (out of it, per epoch)

@@ -1,12 +1,15 @@
 """THE batch pipeline: uint8 images on the device → shuffled, augmented, normalized float batches.
 
 Everything runs on the training device, batched: a step gathers its images by index, crops and
-flips them in one gather (``augment``), normalizes them in one multiply-add (``Normalizer``), cuts
-out a square (``cut_out``) and blends with mixup (``Mixup``).  No step waits on the host.
+flips them in one gather (``augment``, crop ``pad``), normalizes them in one multiply-add
+(``Normalizer``), or, with crop ``resized``, normalizes them first and then crops, resizes and flips
+them in one ``grid_sample`` (``resized_crop``), cuts out a square (``cut_out``) and blends with mixup
+(``Mixup``).  No step waits on the host.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -41,9 +44,10 @@ def augment(images: torch.Tensor, generator: torch.Generator, augmentation: Hype
     """Per-image random crop (zero padding of ``crop_padding`` pixels) and horizontal flip (``flip``), as one gather.
 
     torchvision's RandomCrop(padding) + RandomHorizontalFlip.  ``images`` is a uint8 (B, H, W, C)
-    batch with any number of channels on any device; no host sync happens here.
+    batch with any number of channels on any device; no host sync happens here.  With crop ``resized``
+    it returns the batch as it is: :func:`resized_crop` crops and flips it after normalization.
     """
-    if augmentation.crop_padding == 0 and not augmentation.flip:
+    if augmentation.crop != "pad" or (augmentation.crop_padding == 0 and not augmentation.flip):
         return images
     batch, height, width, _ = images.shape
     device = images.device
@@ -57,6 +61,93 @@ def augment(images: torch.Tensor, generator: torch.Generator, augmentation: Hype
     cols = dx + torch.where(flip, width - 1 - cols_forward, cols_forward)
     index = torch.arange(batch, device=device)[:, None, None]
     return padded[index, rows[:, :, None], cols[:, None, :]]
+
+
+# RandomResizedCrop's range of box aspect ratios (width / height), and its tries per image before it falls
+# back to a centre crop.
+ASPECT_RATIOS = (3 / 4, 4 / 3)
+_TRIES = 10
+
+
+@dataclass(frozen=True)
+class Boxes:
+    """One crop box per image of a batch, in whole pixels: rows top..top+height-1, columns left..left+width-1."""
+
+    top: torch.Tensor  # int64 (B,), on the batch's device
+    left: torch.Tensor
+    height: torch.Tensor
+    width: torch.Tensor
+
+
+def _fallback_box(height: int, width: int) -> tuple[int, int]:
+    """(h, w) of torchvision's fallback: the whole image, its aspect ratio clamped into ASPECT_RATIOS (centred)."""
+    low, high = ASPECT_RATIOS
+    if width / height < low:
+        return round(width / low), width
+    if width / height > high:
+        return height, round(height * high)
+    return height, width
+
+
+def random_boxes(
+    batch: int, height: int, width: int, generator: torch.Generator, *, scale: float, device: torch.device
+) -> Boxes:
+    """RandomResizedCrop's boxes for a ``height`` x ``width`` image, one per image, drawn on ``device``.
+
+    Per image, up to 10 tries of an area share uniform in [scale, 1] and an aspect ratio log-uniform
+    in [3/4, 4/3]; the first try that fits inside the image is kept, at a uniform position; an image
+    whose 10 tries all overflow gets torchvision's centred fallback.  All tries are drawn at once: no host sync.
+    """
+    shape = (batch, _TRIES)
+    share = scale + (1 - scale) * torch.rand(shape, device=device, generator=generator)
+    log_low, log_high = math.log(ASPECT_RATIOS[0]), math.log(ASPECT_RATIOS[1])
+    ratio = torch.exp(log_low + (log_high - log_low) * torch.rand(shape, device=device, generator=generator))
+    area = height * width * share
+    tried_w, tried_h = torch.sqrt(area * ratio).round().long(), torch.sqrt(area / ratio).round().long()
+    fits = (tried_w >= 1) & (tried_w <= width) & (tried_h >= 1) & (tried_h <= height)
+    tries = torch.arange(_TRIES, device=device).expand(shape)
+    first = torch.where(fits, tries, _TRIES).min(1, keepdim=True).values.clamp(max=_TRIES - 1)
+    found = fits.any(1)
+    fallback_h, fallback_w = _fallback_box(height, width)
+    w = torch.where(found, tried_w.gather(1, first).squeeze(1), fallback_w)
+    h = torch.where(found, tried_h.gather(1, first).squeeze(1), fallback_h)
+    where = torch.rand((batch, 2), device=device, generator=generator)  # uniform positions, as randint draws them
+    top = torch.where(found, (where[:, 0] * (height - h + 1)).long(), (height - h) // 2)
+    left = torch.where(found, (where[:, 1] * (width - w + 1)).long(), (width - w) // 2)
+    return Boxes(top=top, left=left, height=h, width=w)
+
+
+def crop_boxes(inputs: torch.Tensor, boxes: Boxes, flip: torch.Tensor) -> torch.Tensor:
+    """Each image's box resized back to the image's size (bilinear) and mirrored where ``flip``, in one grid_sample.
+
+    ``inputs`` is a float (B, C, H, W) batch.  The affine map sends the output's edges to the box's
+    edges (align_corners=False), as cropping then resizing does; samples within half an output pixel
+    of the box's edge read the pixels just outside it (torchvision clamps to the box there), and
+    ``border`` padding covers the image's edge.  Returns channels_last, as the Normalizer does.
+    """
+    batch, channels, height, width = inputs.shape
+    theta = torch.zeros((batch, 2, 3), device=inputs.device, dtype=inputs.dtype)
+    x_scale = boxes.width.to(inputs.dtype) / width
+    theta[:, 0, 0] = torch.where(flip, -x_scale, x_scale)
+    theta[:, 0, 2] = (2 * boxes.left + boxes.width).to(inputs.dtype) / width - 1  # the box's centre, in [-1, 1]
+    theta[:, 1, 1] = boxes.height.to(inputs.dtype) / height
+    theta[:, 1, 2] = (2 * boxes.top + boxes.height).to(inputs.dtype) / height - 1
+    grid = F.affine_grid(theta, [batch, channels, height, width], align_corners=False)
+    out = F.grid_sample(inputs, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def resized_crop(inputs: torch.Tensor, generator: torch.Generator, augmentation: Hyperparameters) -> torch.Tensor:
+    """torchvision's RandomResizedCrop(scale=(crop_scale, 1)) + RandomHorizontalFlip on a normalized float batch.
+
+    After normalization rather than on uint8: interpolation needs floats anyway, and since the
+    normalization is affine per channel and bilinear weights sum to 1, the two orders give the same
+    values, without a round trip through uint8.
+    """
+    batch, _, height, width = inputs.shape
+    boxes = random_boxes(batch, height, width, generator, scale=augmentation.crop_scale, device=inputs.device)
+    flip = torch.rand(batch, device=inputs.device, generator=generator) < (0.5 if augmentation.flip else 0.0)
+    return crop_boxes(inputs, boxes, flip)
 
 
 def cut_out(inputs: torch.Tensor, generator: torch.Generator, size: int) -> torch.Tensor:
@@ -102,7 +193,7 @@ def eval_batches(split: Split, *, batch_size: int) -> Iterator[tuple[torch.Tenso
 
 
 def make_augmentation(config: TrainConfig) -> Hyperparameters | None:
-    """What augments the training batches: the trial's crop_padding, flip, cutout and mixup_alpha, or nothing."""
+    """What augments the training batches: the trial's crop, crop_padding, crop_scale, flip, cutout and mixup_alpha, or nothing."""
     return config.hp if config.augment else None
 
 
@@ -145,7 +236,7 @@ class Batch:
 def training_batches(
     split: Split, config: TrainConfig, *, generator: torch.Generator, normalize: Normalizer, epoch: int
 ) -> Iterator[Batch]:
-    """One epoch of shuffled batches with the trial's augmentation: crop and flip, cutout, mixup."""
+    """One epoch of shuffled batches with the trial's augmentation: crop and flip (padded or resized), cutout, mixup."""
     augmentation = make_augmentation(config)
     mixup = None
     if augmentation is not None and augmentation.mixup_alpha > 0:
@@ -154,6 +245,8 @@ def training_batches(
         split, batch_size=config.hp.batch_size, generator=generator, augmentation=augmentation
     ):
         batch = Batch(inputs=normalize(images), labels=labels)
+        if augmentation is not None and augmentation.crop == "resized":
+            batch = Batch(inputs=resized_crop(batch.inputs, generator, augmentation), labels=labels)
         if augmentation is not None and augmentation.cutout > 0:
             batch = Batch(inputs=cut_out(batch.inputs, generator, augmentation.cutout), labels=labels)
         yield batch if mixup is None else mixup.blend(batch, generator)

@@ -12,6 +12,9 @@ from one of these sources, first match wins:
 
 Images are then resized to ``[data] image_size`` and converted to ``[data] channels`` when those
 differ from the source's, and the normalization statistics are the published ones or computed.
+The memory check (:mod:`hpo.training.memory`) runs before an image folder is decoded and again
+before any dataset is resized or converted; resizing, conversion and statistics work in chunks of
+at most ``CHUNK_BYTES`` of floats, so that no step copies a whole dataset as floats.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import pickle
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +33,8 @@ import torch.nn.functional as F
 from hpo.errors import DataError, first_line
 from hpo.studyfile.names import DATASETS, DatasetInfo
 from hpo.studyfile.spec import DataSection
-from hpo.training.imagefolder import is_archive, is_image_folder, load_image_folder
+from hpo.training.imagefolder import ImageCount, is_archive, is_image_folder, load_image_folder
+from hpo.training.memory import HOST_ONLY, WORKING_BYTES, Footprint, Placement, check_memory, searched_images
 from hpo.training.splits import Dataset
 
 logger = logging.getLogger(__name__)
@@ -37,42 +42,48 @@ logger = logging.getLogger(__name__)
 # What torchvision raises on files it finds but cannot read (missing, truncated, wrong checksum).
 _TORCHVISION_ERRORS = (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError)
 
+# Bytes of float working copy per chunk of resizing, conversion and statistics: a quarter of what the memory
+# check allows for working copies (input and output chunks, and their uint8 results, live at once).
+CHUNK_BYTES = WORKING_BYTES // 4
 
-def load_dataset(section: DataSection) -> Dataset:
-    """Load the study's dataset, or raise DataError saying where it looked and how to provide it."""
+
+def load_dataset(
+    section: DataSection, *, placement: Placement = HOST_ONLY, default_image_size: int | None = None
+) -> Dataset:
+    """Load the study's dataset, or raise DataError saying where it looked and how to provide it.
+
+    ``default_image_size``: the side images get when the study file gives no ``[data] image_size`` —
+    what the model asks for (a pretrained model's native size); None keeps the dataset's own (CIFAR
+    32, MNIST 28, image folders 32).  ``placement``: where the data will be held, for the memory check.
+    """
+    if section.image_size is None and default_image_size is not None:
+        section = dataclasses.replace(section, image_size=default_image_size)
     info = DATASETS[section.dataset]
-    image_size = section.image_size or info.image_size
     data_dir = Path(section.data_dir).expanduser()
     if is_archive(data_dir) or is_image_folder(data_dir):
-        return _shaped(load_image_folder(section.dataset, data_dir, image_size, label="data_dir"), section, info)
+        return _from_image_folder(section, info, data_dir, label="data_dir", placement=placement)
     if info.torchvision_class is None:
         raise DataError(
             f"data_dir: {data_dir} is neither a folder with train/<class>/ images nor a .tar.gz of one"
         )
     try:
-        return _shaped(_load_torchvision(section.dataset, info, data_dir, download=False), section, info)
+        raw = _load_torchvision(section.dataset, info, data_dir, download=False)
+        return shaped(raw, section, info, placement=placement, label="data_dir")
     except _TORCHVISION_ERRORS as exc:
-        # Files found but unreadable are named; a download below may still repair them.
-        files = _torchvision_folder(info, data_dir)
-        if files.exists():
-            reason = first_line(exc)
-            detail = "" if reason.startswith("Dataset not found") else f": {reason}"
-            looked = [f"{data_dir} (torchvision's {info.torchvision_class} files in {files} are incomplete or corrupt{detail}; delete them)"]
-        else:
-            looked = [f"{data_dir} (no train/ folder, no torchvision {info.torchvision_class} files)"]
+        looked = [_not_read(info, data_dir, exc)]
     if section.dataset == "cifar10":
         archive = os.environ.get("HPO_DATA_ARCHIVE")
         if archive:
             if not is_archive(Path(archive)):
                 raise DataError(f"HPO_DATA_ARCHIVE: no .tar.gz archive at {archive}")
-            loaded = load_image_folder(section.dataset, Path(archive), image_size, label="HPO_DATA_ARCHIVE")
-            return _shaped(loaded, section, info)
+            return _from_image_folder(section, info, Path(archive), label="HPO_DATA_ARCHIVE", placement=placement)
         looked.append("$HPO_DATA_ARCHIVE (unset)")
     if os.environ.get("HPO_OFFLINE") == "1":
         looked.append("download skipped (HPO_OFFLINE=1)")
     else:
         try:
-            return _shaped(_load_torchvision(section.dataset, info, data_dir, download=True), section, info)
+            raw = _load_torchvision(section.dataset, info, data_dir, download=True)
+            return shaped(raw, section, info, placement=placement, label="data_dir")
         except (*_TORCHVISION_ERRORS, tarfile.TarError) as exc:  # urllib errors are OSErrors
             looked.append(f"download failed ({first_line(exc)})")
     hint = " or set HPO_DATA_ARCHIVE" if section.dataset == "cifar10" else ""
@@ -81,6 +92,42 @@ def load_dataset(section: DataSection) -> Dataset:
         + "; ".join(looked)
         + f". Give --data-dir PATH (a folder of train/<class>/ images, a .tar.gz of one, or torchvision's files){hint}"
     )
+
+
+def _not_read(info: DatasetInfo, data_dir: Path, exc: BaseException) -> str:
+    """Why torchvision's files were not read from ``data_dir``; files found but unreadable are named (a download may
+    still repair them)."""
+    files = _torchvision_folder(info, data_dir)
+    if not files.exists():
+        return f"{data_dir} (no train/ folder, no torchvision {info.torchvision_class} files)"
+    reason = first_line(exc)
+    detail = "" if reason.startswith("Dataset not found") else f": {reason}"
+    return f"{data_dir} (torchvision's {info.torchvision_class} files in {files} are incomplete or corrupt{detail}; delete them)"
+
+
+def _from_image_folder(section: DataSection, info: DatasetInfo, source: Path, *, label: str, placement: Placement) -> Dataset:
+    size = section.image_size or info.image_size
+    check = _before_decoding(section, info, source, label=label, placement=placement)
+    raw = load_image_folder(section.dataset, source, size, label=label, before_decoding=check)
+    return shaped(raw, section, info, placement=placement, label=label)
+
+
+def _before_decoding(
+    section: DataSection, info: DatasetInfo, source: Path, *, label: str, placement: Placement
+) -> Callable[[ImageCount], None]:
+    """The memory check of an image folder, given its image count before anything is decoded."""
+    size = section.image_size or info.image_size
+    channels = section.channels or info.channels or 3  # a folder's colour is found after decoding: 3 at most
+
+    def check(count: ImageCount) -> None:
+        total = count.train + count.test
+        footprint = Footprint(
+            new_images=total, new_channels=3, searched=searched_images(count.train, section), channels=channels,
+            image_size=size,
+        )
+        check_memory(footprint, placement, what=f"{label}: {total} images in {source}")
+
+    return check
 
 
 def _torchvision_folder(info: DatasetInfo, root: Path) -> Path:
@@ -92,12 +139,23 @@ def _torchvision_folder(info: DatasetInfo, root: Path) -> Path:
     return root / base if isinstance(base, str) else root / info.torchvision_class / "raw"
 
 
+def _chunk(images: torch.Tensor, size: int | None = None) -> int:
+    """Images per chunk, so that a chunk's float copy (and its float result at ``size``) stays within CHUNK_BYTES."""
+    _, height, width, channels = images.shape
+    side = size or 0
+    per_image = 4 * channels * (height * width + side * side)  # float32 bytes
+    return max(1, CHUNK_BYTES // max(1, per_image))
+
+
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] units, exact, from a 256-bin histogram per channel (no float copy)."""
     levels = torch.arange(256, dtype=torch.float64) / 255.0
+    step = _chunk(images)
     means, stds = [], []
     for channel in range(images.shape[-1]):
-        counts = torch.bincount(images[..., channel].reshape(-1), minlength=256).to(torch.float64)
+        counts = torch.zeros(256, dtype=torch.float64)
+        for start in range(0, len(images), step):  # a chunk at a time: one channel of it is copied to count it
+            counts += torch.bincount(images[start : start + step, ..., channel].reshape(-1), minlength=256)
         n = counts.sum()
         mean = (counts * levels).sum() / n
         variance = (counts * (levels - mean) ** 2).sum() / max(1.0, float(n) - 1)
@@ -107,14 +165,19 @@ def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, H, W, C) → uint8 (N, size, size, C), bilinear with antialiasing, in chunks."""
+    """uint8 (N, H, W, C) → uint8 (N, size, size, C), bilinear with antialiasing, in chunks.
+
+    The images are square by now (torchvision's datasets are, image folders are decoded square and
+    ArrayData must be), so no aspect ratio changes.
+    """
     if images.shape[1:3] == (size, size) or len(images) == 0:
         return images
     out = torch.empty((len(images), size, size, images.shape[-1]), dtype=torch.uint8)
-    for start in range(0, len(images), 4096):  # images per chunk: bounds the float copy
-        chunk = images[start : start + 4096].permute(0, 3, 1, 2).float()
+    step = _chunk(images, size)
+    for start in range(0, len(images), step):  # images per chunk: bounds the float copy
+        chunk = images[start : start + step].permute(0, 3, 1, 2).float()
         resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[start : start + 4096] = resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        out[start : start + step] = resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     return out
 
 
@@ -126,19 +189,39 @@ def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         return images.expand(*images.shape[:-1], 3).contiguous()
     # ITU-R 601-2 weights per mille, rounded to nearest; float32 holds these integer sums exactly.
     weights = torch.tensor([[299.0], [587.0], [114.0]])
-    return ((images.float() @ weights + 500) / 1000).floor().to(torch.uint8)
+    out = torch.empty((*images.shape[:-1], 1), dtype=torch.uint8)
+    step = _chunk(images)
+    for start in range(0, len(images), step):
+        out[start : start + step] = ((images[start : start + step].float() @ weights + 500) / 1000).floor().to(torch.uint8)
+    return out
 
 
 def _is_gray(images: torch.Tensor) -> bool:
-    return images.shape[-1] == 1 or bool(
-        torch.equal(images[..., 0], images[..., 1]) and torch.equal(images[..., 0], images[..., 2])
+    if images.shape[-1] == 1:
+        return True
+    step = _chunk(images)
+    return all(
+        torch.equal(chunk[..., 0], chunk[..., 1]) and torch.equal(chunk[..., 0], chunk[..., 2])
+        for chunk in images.split(step)
     )
 
 
-def _shaped(raw: Dataset, section: DataSection, info: DatasetInfo) -> Dataset:
+def _check_shaping(raw: Dataset, section: DataSection, size: int, channels: int, *, placement: Placement, label: str) -> None:
+    """The memory check before a loaded dataset is resized or converted, and its parts copied for the search."""
+    reshaped = tuple(raw.train_images.shape[1:]) != (size, size, channels)
+    total = len(raw.train_images) + len(raw.test_images)
+    footprint = Footprint(
+        new_images=total if reshaped else 0, new_channels=channels,
+        searched=searched_images(len(raw.train_images), section), channels=channels, image_size=size,
+    )
+    check_memory(footprint, placement, what=f"{label}: {total} images from {raw.source}")
+
+
+def shaped(raw: Dataset, section: DataSection, info: DatasetInfo, *, placement: Placement, label: str) -> Dataset:
     """The dataset at the study's image size and channels, with its normalization statistics."""
     size = section.image_size or info.image_size
     channels = section.channels or info.channels or (1 if _is_gray(raw.train_images) else 3)
+    _check_shaping(raw, section, size, channels, placement=placement, label=label)
     train = _to_channels(_resize(raw.train_images, size), channels)
     test = _to_channels(_resize(raw.test_images, size), channels)
     if info.mean is not None and info.std is not None and channels == info.channels:
