@@ -156,3 +156,28 @@ def test_every_database_session_is_in_utc_with_server_side_timeouts(
             assert abs(float(offset)) < 5
     finally:
         engine.dispose()
+
+
+def test_a_trial_has_a_heartbeat_before_it_is_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed right after claiming its trial leaves a heartbeat that goes stale, so the trial is reaped;
+    claimed first and killed before the heartbeat thread's first beat, the trial stayed RUNNING for ever."""
+    from hpo.tuning.outage import StorageGuard
+    from hpo.tuning.worker import run_worker
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}", "--storage", heartbeat_interval=60, grace_period=180)
+    study = optuna.create_study(study_name="order", storage=storage)
+    events: list[str] = []
+    real_beat, real_attr = storage.record_heartbeat, optuna.Trial.set_user_attr
+    monkeypatch.setattr(storage, "record_heartbeat", lambda trial_id: (events.append("heartbeat"), real_beat(trial_id)))
+
+    def set_user_attr(trial: optuna.Trial, key: str, value: object) -> None:
+        events.append(f"attr {key}")
+        real_attr(trial, key, value)
+
+    monkeypatch.setattr(optuna.Trial, "set_user_attr", set_user_attr)
+    run_worker(
+        study, lambda trial: 1.0, storage=storage, guard=StorageGuard(shown="test"), budget=1, timeout=None,
+        heartbeat_interval=60, grace_period=180,
+    )
+    assert events.index("heartbeat") < events.index("attr worker"), events
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]

@@ -105,10 +105,28 @@ class _Worker:
         with warnings.catch_warnings():
             # Optuna's heartbeat thread belongs to study.optimize; the Heartbeat above replaces it here.
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-            trial = self.guard.call("start a trial", self.study.ask)
+            return self.guard.call("start a trial", self.study.ask)
+
+    def _claim(self, trial: optuna.Trial) -> Heartbeat | None:
+        """Beat once, then claim the trial, then keep beating: a claimed trial always has a heartbeat.
+
+        A worker that dies after the claim leaves a trial with a heartbeat, which goes stale and is
+        reaped; one that dies before it leaves an unclaimed trial, which the reaper's orphan rule
+        re-queues.  Claimed without a heartbeat (the order the other way round) no one would reap.
+        """
+        heartbeat = None
+        if self.heartbeat_interval:
+            trial_id = self.guard.call(
+                "look up the trial",
+                lambda: self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number),
+            )
+            self.guard.call("write a heartbeat", lambda: self.storage.record_heartbeat(trial_id))
+            heartbeat = Heartbeat(storage=self.storage, trial_id=trial_id, interval=self.heartbeat_interval, guard=self.guard)
         claim = {**self.claim, "trial": trial.number}
         self.guard.call(f"claim trial {trial.number}", lambda: trial.set_user_attr("worker", claim))
-        return trial
+        if heartbeat is not None:
+            heartbeat.start()
+        return heartbeat
 
     def _tell(self, number: int, value: float | None, state: TrialState) -> optuna.trial.FrozenTrial:
         return self.guard.call(
@@ -119,14 +137,7 @@ class _Worker:
     def run_one(self) -> None:
         """Ask, train, tell one trial; the callbacks then see its stored result."""
         trial = self._ask()
-        heartbeat = None
-        if self.heartbeat_interval:
-            trial_id = self.guard.call(
-                "look up the trial",
-                lambda: self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number),
-            )
-            heartbeat = Heartbeat(storage=self.storage, trial_id=trial_id, interval=self.heartbeat_interval, guard=self.guard)
-            heartbeat.start()
+        heartbeat = self._claim(trial)
         try:
             value, state = self._train(trial)
             if state is None:
