@@ -130,8 +130,10 @@ def _check(request: RunRequest, file_spec: StudySpec | None) -> _Checked:
         device = resolve_device(spec.train.device, "--device" if overrides.device else f"{spec.path}: [train] device")
 
     from hpo.training.datasets import load_dataset
+    from hpo.training.recipe import prepare_model
 
     dataset = load_dataset(spec.data)  # launching: decodes and caches once, before the workers start
+    dataset = prepare_model(spec, dataset)  # a pretrained model's weights: fetched once, and their normalization
     checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else default_checkpoint_dir(storage_url)
     writable_folder(checkpoint_dir, "--checkpoint-dir" if settings.checkpoint_dir else "default checkpoint folder")
     return _Checked(

@@ -172,11 +172,12 @@ def _prepare(
 ) -> _Prepared:
     from hpo.training.datasets import load_dataset
     from hpo.training.device import resolve_device
+    from hpo.training.recipe import prepare_model
 
     spec = Overrides(device=device, data_dir=data_dir).apply(spec_for_study(study.study_name, study_file))
     picked = pick_trial(study, trial)
     resolved = resolve_device(spec.train.device, "--device" if device else f"{spec.path}: [train] device")
-    return _Prepared(spec=spec, trial=picked, device=resolved, dataset=load_dataset(spec.data))
+    return _Prepared(spec=spec, trial=picked, device=resolved, dataset=prepare_model(spec, load_dataset(spec.data)))
 
 
 # Called with the re-evaluations (best mean first) and the trial they chose, before it is retrained.

@@ -4,10 +4,16 @@ This table is the one list of names: the study file is validated against it (tor
 builders in :mod:`hpo.training.models` register against it (``@register_model("cnn")`` refuses a
 name that is not here), so that the two cannot drift apart.  To add a model: a row in ``MODELS``,
 then a builder registered under that name.  To add a torchvision dataset: a row in ``DATASETS``.
+
+Besides the names in ``MODELS``, ``[model] name`` may be ``torchvision:<arch>``: any classification
+model of ``torchvision.models`` (``torchvision:resnet18``, ``torchvision:convnext_tiny``...), built
+by :mod:`hpo.training.backbones`.  Only the syntax is checked here; whether torchvision has ``<arch>``
+is checked when the model is prepared.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -54,3 +60,37 @@ DATASETS: Mapping[str, DatasetInfo] = {
 
 # The models whose architecture [space] shapes: what a hyperparameter's ``models=`` names.
 CONFIGURABLE_MODELS: tuple[str, ...] = tuple(name for name, info in MODELS.items() if info.configurable)
+
+# [model] name = "torchvision:<arch>": a classification model of torchvision.models, pretrained or not.
+TORCHVISION_PREFIX = "torchvision:"
+# What a hyperparameter's ``models=`` says to shape every torchvision:<arch> model (hpo.studyfile.space.applies_to).
+TORCHVISION_MODELS = "torchvision:*"
+_ARCH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# [model] weights that name a member of the arch's weights enum ("DEFAULT", "IMAGENET1K_V1") rather than a file.
+_WEIGHTS_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_WEIGHTS_SUFFIXES = (".pth", ".pt")
+
+
+def torchvision_arch(name: str) -> str | None:
+    """The ``<arch>`` of a ``torchvision:<arch>`` model name, None for any other name; ValueError when malformed."""
+    if not name.startswith(TORCHVISION_PREFIX):
+        return None
+    arch = name[len(TORCHVISION_PREFIX) :]
+    if not _ARCH.match(arch):
+        raise ValueError(f"name must be torchvision:<arch> with <arch> a torchvision model name such as resnet18, got {name!r}")
+    return arch
+
+
+def is_weights_file(weights: str) -> bool:
+    """Whether ``[model] weights`` is a path to a state-dict file (a folder in it, or a .pth/.pt suffix), not a weights name."""
+    return "/" in weights or "\\" in weights or weights.endswith(_WEIGHTS_SUFFIXES)
+
+
+def weights_problem(weights: str) -> str | None:
+    """What is wrong with a ``[model] weights`` value, torch-free (None: nothing); whether it exists is checked later."""
+    if is_weights_file(weights) or _WEIGHTS_NAME.match(weights):
+        return None
+    return (
+        'weights must be "DEFAULT", a weights name of the model such as "IMAGENET1K_V1", or a path to a .pth or .pt '
+        f"state-dict file, got {weights!r}"
+    )

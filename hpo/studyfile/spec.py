@@ -127,16 +127,30 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    # A key of hpo.studyfile.names.MODELS, whose builders hpo.training.models registers.
+    # A key of hpo.studyfile.names.MODELS, whose builders hpo.training.models registers, or
+    # "torchvision:<arch>", a classification model of torchvision (hpo.training.backbones).
     name: str = "cnn"
+    # torchvision:<arch> only. None: random initialization; "DEFAULT" or a member name of the arch's
+    # weights enum ("IMAGENET1K_V1"): torchvision's pretrained weights, from torch.hub's cache
+    # ($TORCH_HOME/hub/checkpoints) or downloaded there; a path (relative to the working directory)
+    # to a .pth/.pt state dict of the arch.
+    weights: str | None = None
 
     def __post_init__(self) -> None:
-        _check_name("name", self.name, names.MODELS)
+        if names.torchvision_arch(self.name) is None:
+            _check_name("name", self.name, names.MODELS, also="or torchvision:<arch>, e.g. 'torchvision:resnet18'")
+        if self.weights is not None:
+            if names.torchvision_arch(self.name) is None:
+                raise ValueError(f"weights is for torchvision:<arch> models only, got name {self.name!r}")
+            problem = names.weights_problem(self.weights)
+            if problem:
+                raise ValueError(problem)
 
 
-def _check_name(key: str, value: str, table: Mapping[str, object]) -> None:
+def _check_name(key: str, value: str, table: Mapping[str, object], *, also: str = "") -> None:
     if value not in table:
-        raise ValueError(f"{key} must be one of {', '.join(repr(n) for n in table)}, got {value!r}")
+        hint = f" ({also})" if also else ""
+        raise ValueError(f"{key} must be one of {', '.join(repr(n) for n in table)}, got {value!r}{hint}")
 
 
 @dataclass(frozen=True)
@@ -239,6 +253,19 @@ def _typed_section(registry: Mapping[str, type], table: Mapping[str, Any], where
     return _build(registry[kind], options, f"{where} (type {kind!r})")
 
 
+def _check_applies(path: Path, space: Mapping[str, Any], model: str) -> None:
+    """SpecError for a [space] entry that would not act on ``model`` (the CNN's depth on a ResNet, say)."""
+    ignored = [key for key in space if not applies_to(key, model)]
+    if not ignored:
+        return
+    models = PARAMETERS[ignored[0]].models or ()
+    if models == (names.TORCHVISION_MODELS,):
+        raise SpecError(f"{path}: [space] {ignored[0]} fine-tunes torchvision:<arch> models only, not model {model!r}")
+    raise SpecError(
+        f"{path}: [space] {ignored[0]} shapes the {' and '.join(models)} model only; model {model!r} is a fixed architecture"
+    )
+
+
 DEFAULT_PRUNER = "successive_halving"
 _SECTIONS = ("study", "data", "train", "model", "sampler", "pruner", "space")
 
@@ -268,12 +295,7 @@ def load_spec(path: Path) -> StudySpec:
     except ValueError as exc:
         raise SpecError(f"{path}: [space] {exc}") from exc
     model = _build(ModelSection, raw.get("model", {}), f"{path}: [model]")
-    ignored = [key for key in raw.get("space", {}) if not applies_to(key, model.name)]
-    if ignored:
-        models = " and ".join(PARAMETERS[ignored[0]].models or ())
-        raise SpecError(
-            f"{path}: [space] {ignored[0]} shapes the {models} model only; model {model.name!r} is a fixed architecture"
-        )
+    _check_applies(path, raw.get("space", {}), model.name)
     sampler = _typed_section(SAMPLERS, {"type": "tpe", **raw.get("sampler", {})}, f"{path}: [sampler]")
     if isinstance(sampler, GridSamplerSpec):
         try:

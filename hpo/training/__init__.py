@@ -4,8 +4,10 @@
 - ``imagefolder``:  image folders and archives decoded once and cached
 - ``splits``:       ``Dataset`` in memory; the validation part carved from training; the retraining split
 - ``batches``:      THE batch pipeline on the device: shuffle, crop and flip, normalize, cutout, mixup
-- ``models``:       model builders registered by name (``@register_model``)
-- ``optimization``: the optimizer, learning-rate schedule and training loss a trial asks for
+- ``models``:       model builders registered by name (``@register_model``); ``torchvision:<arch>`` too
+- ``backbones``:    torchvision classifiers, pretrained or not, with a new head (the ``hpo_head`` protocol)
+- ``optimization``: the optimizer (parameter groups), learning-rate schedule and training loss a trial asks for;
+  freezing a backbone
 - ``config``:       ``TrainConfig`` (into the loop) and ``EpochResult`` (out of it, per epoch)
 - ``fit``:          THE training loop ``fit``; ``evaluate``; epoch checkpoints
 - ``device``:       the device a study asks for, checked here; its name; bf16 by capability

@@ -7,15 +7,17 @@ score.  Replay and retraining depend on these being the one way to do each.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
 
+from hpo.studyfile import names
 from hpo.studyfile.space import Hyperparameters
 from hpo.studyfile.spec import DIRECTIONS, StudySpec, direction_sign
 from hpo.training.config import EpochResult, TrainConfig
 from hpo.training.models import build_model
-from hpo.training.splits import SearchData
+from hpo.training.splits import Dataset, SearchData
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:
@@ -35,7 +37,31 @@ def seeded_model(spec: StudySpec, hp: Hyperparameters, data: SearchData, seed: i
     """The trial's model with its initial weights drawn from ``seed``."""
     torch.manual_seed(seed)
     channels, height, _ = data.image_shape
-    return build_model(spec.model.name, hp, in_channels=channels, num_classes=data.num_classes, image_size=height)
+    return build_model(
+        spec.model.name, hp, in_channels=channels, num_classes=data.num_classes, image_size=height,
+        weights=spec.model.weights,
+    )
+
+
+def prepare_model(spec: StudySpec, dataset: Dataset) -> Dataset:
+    """Check the study's model against its data before anything is stored, and give the data the model's normalization.
+
+    For ``torchvision:<arch>``: the arch, the weights (their file fetched once, here) and the image
+    shape are checked, each problem one line naming the study file; a pretrained model sees its
+    weights' own mean and std instead of the dataset's.  Other models: the dataset unchanged.
+    """
+    from hpo.training.backbones import prepare_backbone
+
+    arch = names.torchvision_arch(spec.model.name)
+    if arch is None:
+        return dataset
+    pretrained = prepare_backbone(
+        arch, spec.model.weights, image_shape=dataset.image_shape, num_classes=len(dataset.classes),
+        where=f"{spec.path}: [model]",
+    )
+    if pretrained is None:
+        return dataset
+    return dataclasses.replace(dataset, mean=pretrained.mean, std=pretrained.std)
 
 
 def score(result: EpochResult, metric: str) -> float:
