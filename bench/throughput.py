@@ -12,8 +12,15 @@ With ``--compile`` it adds (a) under torch.compile, with the compile time it cos
 Mode ``workers`` runs a short study with K = 1, 2, 4 worker processes per GPU (``--workers-per-gpu``)
 and prints finished trials per hour for each, and the ratio to K = 1.
 
+Mode ``finetune`` trains a ``torchvision:<arch>`` model (``--arch``, random weights: speed does not
+depend on them) through hpo's pipeline at each of ``--sizes`` px on random images, once with every
+layer training and once with the backbone frozen (``freeze_epochs``), and prints training images/s and
+seconds per epoch of ``--images`` images, and the CPU seconds per epoch this process used (steadier than
+wall time on a machine shared with other work; on idle cores, wall time is about CPU time / cores).
+
     python bench/throughput.py pipeline --data ../shared/data/cifar10-jpg.tar.gz
     python bench/throughput.py workers --data ../shared/data/cifar10-jpg.tar.gz --k 1 2 4 --n-trials 24
+    python bench/throughput.py finetune --arch resnet18 --sizes 32 128 --images 512 --epochs 2
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from hpo.training.config import TrainConfig  # noqa: E402
 from hpo.training.datasets import load_dataset  # noqa: E402
 from hpo.training.fit import fit  # noqa: E402
 from hpo.training.models import build_model  # noqa: E402
-from hpo.training.splits import SearchData, carve_validation  # noqa: E402
+from hpo.training.splits import SearchData, Split, carve_validation  # noqa: E402
 
 # The CNN both pipelines train: the default cifar configuration's shape.
 MODEL = Hyperparameters(lr=2e-3, batch_size=256, kernel_size=3, weight_decay=5e-4, depth=3, base_width=32, optimizer="adamw")
@@ -220,9 +227,36 @@ def workers(args: argparse.Namespace) -> None:
         print(f"K={k}: {rate / base:.2f}x the trials/hour of K={args.k[0]}")
 
 
+def finetune(args: argparse.Namespace) -> None:
+    device = _device(args.device)
+    classes, batch_size = 10, 64
+    print(f"device: {device}; torch {torch.__version__}; torchvision:{args.arch}; {args.images} random images; "
+          f"batch {batch_size}; {args.epochs} epochs, images/s of all but the first")
+    for size in args.sizes:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (args.images, size, size, 3), dtype=torch.uint8, generator=generator)
+        split = Split(images=images, labels=torch.arange(args.images) % classes)
+        data = SearchData(
+            train=split, val=split, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=classes,
+            image_shape=(3, size, size),
+        ).to(device)
+        for frozen in (False, True):
+            hp = Hyperparameters(lr=1e-3, batch_size=batch_size, optimizer="sgd", freeze_epochs=args.epochs if frozen else 0)
+            torch.manual_seed(0)
+            model = build_model(f"torchvision:{args.arch}", hp, in_channels=3, num_classes=classes, image_size=size)
+            config = TrainConfig(hp=hp, max_epochs=args.epochs, augment=True, seed=0, device=device)
+            cpu_marks: list[float] = []  # process CPU seconds at the end of each epoch (evaluation skipped)
+            result = fit(model, data, config, lambda _: cpu_marks.append(time.process_time()), evaluate_each_epoch=False)
+            rate = float(np.mean([e.images_per_second for e in result.epochs[1:]]))
+            cpu = (cpu_marks[-1] - cpu_marks[0]) / (len(cpu_marks) - 1)
+            what = "backbone frozen" if frozen else "every layer"
+            print(f"{size:>4} px {what:<16} {rate:8.0f} images/s {args.images / rate:8.1f} s per epoch of {args.images} images"
+                  f" {cpu:8.1f} CPU-s per epoch")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["pipeline", "workers"])
+    parser.add_argument("mode", choices=["pipeline", "workers", "finetune"])
     parser.add_argument("--data", default=os.environ.get("HPO_DATA_ARCHIVE", str(ROOT.parent / "shared/data/cifar10-jpg.tar.gz")))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--images", type=int, default=45000, help="training images (a random subset)")
@@ -232,8 +266,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time hpo's pipeline under torch.compile")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="workers per GPU to compare")
     parser.add_argument("--n-trials", type=int, default=24, help="trials per K in workers mode")
+    parser.add_argument("--arch", default="resnet18", help="torchvision model in finetune mode")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 128], help="image sides in px in finetune mode")
     args = parser.parse_args()
-    pipeline(args) if args.mode == "pipeline" else workers(args)
+    {"pipeline": pipeline, "workers": workers, "finetune": finetune}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared fixtures: the CIFAR-10 archive, a per-session decode cache and tiny study files."""
+"""Shared fixtures: the CIFAR-10 archive, a per-session decode cache, tiny study files, stand-in pretrained weights."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["HPO_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["HPO_OFFLINE"] = "1"
     os.environ.pop("HPO_STORAGE", None)
+    # torch.hub's cache (pretrained weights): an empty one, never the user's; stand_in_torch_home holds one file.
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
 
 
 @pytest.fixture(scope="session")
@@ -188,3 +190,22 @@ def record_evaluations(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[
         return evaluated
 
     return start
+
+
+@pytest.fixture(scope="session")
+def stand_in_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TORCH_HOME whose torch.hub cache holds a stand-in for ResNet18's DEFAULT weights, at the path torchvision
+    reads them from: the state dict of a ``torchvision.models.resnet18()`` seeded with 0 (no real weights can be
+    downloaded here). Tests point ``TORCH_HOME`` at it with ``monkeypatch.setenv``."""
+    from urllib.parse import urlparse
+
+    import torch
+    import torchvision
+
+    home = tmp_path_factory.mktemp("torch-home-stand-in")
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    path = home / "hub" / "checkpoints" / Path(urlparse(url).path).name
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return home

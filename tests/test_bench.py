@@ -44,6 +44,13 @@ def test_workers_mode_prints_trials_per_hour_per_k(archive: Path) -> None:
     assert "K=1:" in out and "trials/hour" in out and "K=2: " in out and "the trials/hour of K=1" in out
 
 
+def test_finetune_mode_prints_speed_per_size_training_every_layer_and_the_head_only(archive: Path) -> None:
+    out = _bench(archive, "finetune", "--arch", "mobilenet_v3_small", "--sizes", "32", "--images", "16", "--epochs", "2")
+    rows = [line.split() for line in out.splitlines() if line.lstrip().startswith("32 px")]
+    assert [row[2:4] for row in rows] == [["every", "layer"], ["backbone", "frozen"]]
+    assert all(row[5] == "images/s" and float(row[4]) > 0 and row[-3:] == ["CPU-s", "per", "epoch"] for row in rows)
+
+
 STORAGE = SCRIPT.parent / "storage.py"
 
 

@@ -86,7 +86,7 @@ BAD = [
     ("[data]\nval_fraction = 1.5\n", r"\[data\]: val_fraction must be in \(0, 1\), got 1.5"),
     ("[data]\ndataset = 'imagenet'\n", r"\[data\]: dataset must be one of 'cifar10', 'cifar100', .*'image_folder', got 'imagenet'"),
     ("[data]\nchannels = 2\n", r"\[data\]: channels must be 1 or 3, got 2"),
-    ("[model]\nname = 'vgg'\n", r"\[model\]: name must be a built-in model \('cnn', 'resnet18', 'resnet9'\), an import path .* got 'vgg'"),
+    ("[model]\nname = 'vgg'\n", r"\[model\]: name must be a built-in model \('cnn', 'resnet18', 'resnet9'\), torchvision:<arch> .* got 'vgg'"),
     ("[model]\nname = 'resnet18'\n[space]\ndepth = { low = 2, high = 4 }\n", r"\[space\] depth shapes the cnn model only; model 'resnet18'"),
     ("[study]\nmetric = 'val_loss'\ndirection = 'maximize'\n", r"direction 'maximize' does not fit metric 'val_loss'"),
     ("[space]\nlr = { low = 0.1, high = 0.001 }\n", r"\[space\] lr: low must be < high.*low=0.1 high=0.001"),
@@ -134,7 +134,7 @@ BAD_MODEL_TABLES = [
     ('[model]\nname = "a.b:build"\n[model.space]\nwidth = { low = 8, high = "x" }\n', "[model.space] width: values must all be"),
     ('[model]\nname = "a.b:build"\n[model.space]\nwidth = { low = 8, high = 4 }\n', "[model.space] width: low must be < high"),
     ('[model]\nname = "a.b:build"\n[space]\ndepth = 2\n', "[space] depth shapes the cnn model only; model 'a.b:build' is your own model"),
-    ('[model]\nname = "no model"\n', "[model]: name must be a built-in model ('cnn', 'resnet18', 'resnet9'), an import path"),
+    ('[model]\nname = "no model"\n', "[model]: name must be a built-in model ('cnn', 'resnet18', 'resnet9'), torchvision:<arch>"),
 ]
 
 

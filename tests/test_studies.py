@@ -1,7 +1,8 @@
 """Every shipped study runs: one trial of one epoch through ``python -m hpo.run`` on a tiny data set of its shape.
 
 CIFAR-10 studies get a few real images per class from the shared archive; the other datasets, which
-cannot be had offline, get generated images of their channels, size and class count.
+cannot be had offline, get generated images of their channels, size and class count; pretrained weights,
+which cannot be had offline either, a seeded stand-in (``stand_in_torch_home``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def test_shipped_study_runs_one_trial(path: Path, tmp_path: Path, request: pytes
             size=info.image_size,  # resized to [data] image_size on loading, as real images are
             per_class=2 if CLASSES[dataset] > 10 else 5,
         )
+    if spec.model.weights is not None:  # pretrained weights: a seeded stand-in in torch.hub's cache
+        request.getfixturevalue("monkeypatch").setenv("TORCH_HOME", str(request.getfixturevalue("stand_in_torch_home")))
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     argv = ["--study", str(path), "--n-trials", "1", "--max-epochs", "1", "--storage", url, "--data-dir", str(data_dir)]
     assert main([*argv, "--device", "cpu", "--quiet"]) == 0

@@ -148,19 +148,23 @@ def _placement(gpus: tuple[str, ...] | None, device: torch.device | None, settin
 
 def _load(spec: StudySpec, data: ArrayData | None, placement: Placement) -> Dataset:
     """The arrays given in Python, else the study file's dataset (launching: decoded and cached once, before the workers start)."""
+    from hpo.training.recipe import model_image_size
+
+    size = model_image_size(spec)
     if data is not None:
         from hpo.training.arrays import array_dataset
 
-        return array_dataset(data, spec.data, placement=placement)
+        return array_dataset(data, spec.data, placement=placement, default_image_size=size)
     from hpo.training.datasets import load_dataset
 
-    return load_dataset(spec.data, placement=placement)
+    return load_dataset(spec.data, placement=placement, default_image_size=size)
 
 
 def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | None = None) -> _Checked:
     """Every check, cheapest first, so that bad input never leaves anything in the storage."""
     from hpo.folders import writable_folder
     from hpo.training.device import resolve_device
+    from hpo.training.recipe import prepare_model
     from hpo.tuning.storage import check_storage, default_checkpoint_dir, resolve_storage
 
     overrides, settings = request.overrides, request.settings
@@ -173,27 +177,14 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     device = None
     if gpus is None:
         device = resolve_device(spec.train.device, "--device" if overrides.device else f"{spec.path}: [train] device")
-    dataset = _load(spec, data, _placement(gpus, device, settings))
-    _check_model(spec, dataset)
+    # A pretrained model's weights are fetched once here, and its data normalized as they expect.
+    dataset = prepare_model(spec, _load(spec, data, _placement(gpus, device, settings)))
     checkpoint_dir = Path(settings.checkpoint_dir) if settings.checkpoint_dir else default_checkpoint_dir(storage_url)
     writable_folder(checkpoint_dir, "--checkpoint-dir" if settings.checkpoint_dir else "default checkpoint folder")
     return _Checked(
         spec=spec, grace_period=grace_period, storage_url=storage_url, storage_source=storage_source, gpus=gpus,
         device=device, dataset=None if gpus is not None else dataset, checkpoint_dir=checkpoint_dir,
     )
-
-
-def _check_model(spec: StudySpec, dataset: Dataset) -> None:
-    """A user's model is built once and given a dummy batch: a broken one is one line, before anything is stored."""
-    from hpo.studyfile import names
-    from hpo.training.user_models import check_user_model
-
-    if names.is_user_model(spec.model.name):
-        channels, size, _ = dataset.image_shape
-        check_user_model(
-            spec.model.name, spec.model.space.probe(), in_channels=channels, num_classes=len(dataset.classes),
-            image_size=size, where=f"{spec.path}: [model]",
-        )
 
 
 def run_search(

@@ -177,6 +177,7 @@ def _prepare(
 ) -> _Prepared:
     from hpo.training.device import resolve_device
     from hpo.training.memory import Placement
+    from hpo.training.recipe import prepare_model
     from hpo.tuning.study import MODEL_ATTR
 
     if data is not None and data_dir is not None:
@@ -194,7 +195,7 @@ def _prepare(
         )
     picked = pick_trial(study, trial)
     resolved = resolve_device(spec.train.device, "--device" if device else f"{spec.path}: [train] device")
-    dataset = _dataset(study, spec, data, Placement(devices=(resolved,)))
+    dataset = prepare_model(spec, _dataset(study, spec, data, Placement(devices=(resolved,))))
     return _Prepared(spec=spec, trial=picked, device=resolved, dataset=dataset)
 
 
@@ -202,6 +203,7 @@ def _dataset(study: optuna.Study, spec: StudySpec, data: ArrayData | None, place
     """The images the study was searched on: the arrays it recorded (given again as ``data``), else its study file's dataset."""
     from hpo.training.arrays import ARRAY_DATA_ATTR, ArrayData, array_dataset, array_summary
     from hpo.training.datasets import load_dataset
+    from hpo.training.recipe import model_image_size
 
     if data is not None and not isinstance(data, ArrayData):
         raise UsageError(f"argument data: must be an hpo.ArrayData, got {type(data).__name__}")
@@ -212,10 +214,10 @@ def _dataset(study: optuna.Study, spec: StudySpec, data: ArrayData | None, place
                 f"--study: study {study.study_name!r} was searched on arrays given in Python (hpo.ArrayData); "
                 "pass the same arrays again: hpo.retrain(study, data=...)"
             )
-        return load_dataset(spec.data, placement=placement)
+        return load_dataset(spec.data, placement=placement, default_image_size=model_image_size(spec))
     if searched_on is None:
         raise UsageError(f"argument data: study {study.study_name!r} was searched on its study file's dataset, not on arrays")
-    dataset = array_dataset(data, spec.data, placement=placement)
+    dataset = array_dataset(data, spec.data, placement=placement, default_image_size=model_image_size(spec))
     given = array_summary(dataset)
     differs = [key for key in given if given[key] != searched_on.get(key)]
     if differs:

@@ -5,9 +5,13 @@ builders in :mod:`hpo.training.models` register against it, so that the two cann
 add a built-in model: a row in ``MODELS``, then a builder registered under that name.  To add a
 torchvision dataset: a row in ``DATASETS``.
 
-A user's own model is named by import path (``package.module:build``), by a name an installed
-package registers in the ``hpo.models`` entry-point group, or by a name registered in this process
-with ``@hpo.register_model("mynet")``; all three are checked here without importing the model.
+Besides the names in ``MODELS``, ``[model] name`` may be ``torchvision:<arch>``: any classification
+model of ``torchvision.models`` (``torchvision:resnet18``, ``torchvision:convnext_tiny``...), built
+by :mod:`hpo.training.backbones`; only the syntax is checked here, whether torchvision has ``<arch>``
+when the model is prepared.  A user's own model is named by import path (``package.module:build``),
+by a name an installed package registers in the ``hpo.models`` entry-point group, or by a name
+registered in this process with ``@hpo.register_model("mynet")``; all are checked here without
+importing the model.
 """
 
 from __future__ import annotations
@@ -60,6 +64,40 @@ DATASETS: Mapping[str, DatasetInfo] = {
 # The models whose architecture [space] shapes: what a hyperparameter's ``models=`` names.
 CONFIGURABLE_MODELS: tuple[str, ...] = tuple(name for name, info in MODELS.items() if info.configurable)
 
+# [model] name = "torchvision:<arch>": a classification model of torchvision.models, pretrained or not.
+TORCHVISION_PREFIX = "torchvision:"
+# What a hyperparameter's ``models=`` says to shape every torchvision:<arch> model (hpo.studyfile.space.applies_to).
+TORCHVISION_MODELS = "torchvision:*"
+_ARCH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# [model] weights that name a member of the arch's weights enum ("DEFAULT", "IMAGENET1K_V1") rather than a file.
+_WEIGHTS_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_WEIGHTS_SUFFIXES = (".pth", ".pt")
+
+
+def torchvision_arch(name: str) -> str | None:
+    """The ``<arch>`` of a ``torchvision:<arch>`` model name, None for any other name; ValueError when malformed."""
+    if not name.startswith(TORCHVISION_PREFIX):
+        return None
+    arch = name[len(TORCHVISION_PREFIX) :]
+    if not _ARCH.match(arch):
+        raise ValueError(f"name must be torchvision:<arch> with <arch> a torchvision model name such as resnet18, got {name!r}")
+    return arch
+
+
+def is_weights_file(weights: str) -> bool:
+    """Whether ``[model] weights`` is a path to a state-dict file (a folder in it, or a .pth/.pt suffix), not a weights name."""
+    return "/" in weights or "\\" in weights or weights.endswith(_WEIGHTS_SUFFIXES)
+
+
+def weights_problem(weights: str) -> str | None:
+    """What is wrong with a ``[model] weights`` value, torch-free (None: nothing); whether it exists is checked later."""
+    if is_weights_file(weights) or _WEIGHTS_NAME.match(weights):
+        return None
+    return (
+        'weights must be "DEFAULT", a weights name of the model such as "IMAGENET1K_V1", or a path to a .pth or .pt '
+        f"state-dict file, got {weights!r}"
+    )
+
 
 # ``[model] name`` beyond the built-in names: a builder by import path, e.g. "mypkg.nets:build".
 IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -72,7 +110,7 @@ _REGISTERED: dict[str, str] = {}
 
 def declare_model(name: str, where: str) -> None:
     """Make ``name`` valid in ``[model] name`` in this process (hpo.training.models.register_model calls this)."""
-    if name in MODELS or IMPORT_PATH.match(name):
+    if name in MODELS or IMPORT_PATH.match(name) or name.startswith(TORCHVISION_PREFIX):
         raise ValueError(f"model name {name!r} is taken: built-in names and import paths cannot be registered")
     if not re.fullmatch(r"[A-Za-z][\w-]*", name):
         raise ValueError(f"model name must be letters, digits, '_' and '-', starting with a letter, got {name!r}")
@@ -88,10 +126,16 @@ def entry_point_models() -> dict[str, str]:
 
 def model_problem(name: str) -> str | None:
     """Why ``name`` cannot be a ``[model] name``, or None: checked without importing anything of the model."""
+    try:
+        if torchvision_arch(name) is not None:
+            return None
+    except ValueError as exc:
+        return str(exc)
     if name in MODELS or IMPORT_PATH.match(name) or name in _REGISTERED or name in entry_point_models():
         return None
     return (
-        f"name must be a built-in model ({', '.join(repr(n) for n in MODELS)}), an import path like "
+        f"name must be a built-in model ({', '.join(repr(n) for n in MODELS)}), torchvision:<arch> (e.g. "
+        "'torchvision:resnet18'), an import path like "
         f"'package.module:build', or a name registered with @hpo.register_model or the {ENTRY_POINT_GROUP!r} "
         f"entry-point group, got {name!r}"
     )
@@ -99,4 +143,4 @@ def model_problem(name: str) -> str | None:
 
 def is_user_model(name: str) -> bool:
     """Whether ``name`` is the user's own model (import path, registered name), built with its own [model.space]."""
-    return name not in MODELS
+    return name not in MODELS and not name.startswith(TORCHVISION_PREFIX)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
-from hpo.studyfile.names import CONFIGURABLE_MODELS
+from hpo.studyfile.names import CONFIGURABLE_MODELS, TORCHVISION_MODELS
 
 Value = Union[int, float, str, bool]
 
@@ -105,6 +105,8 @@ ODD_KERNEL = Domain(lambda v: v in (1, 3, 5, 7, 9, 11), "be an odd size from 1 t
 
 # The models whose builders read the architecture hyperparameters below (hpo.studyfile.names).
 CNN = CONFIGURABLE_MODELS
+# Every torchvision:<arch> model: the fine-tuning hyperparameters act on its new classifier head and the rest.
+TORCHVISION = (TORCHVISION_MODELS,)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ class Parameter:
     default: Value
     domain: Domain
     help: str  # one line: what it changes, with units
-    models: tuple[str, ...] | None = None  # the models it shapes; None: every model
+    models: tuple[str, ...] | None = None  # the models it shapes ("family:*" for a family); None: every model
     # Sampled only when another hyperparameter has one of these values (conditional space).
     only_when: tuple[str, tuple[Value, ...]] | None = None
 
@@ -229,6 +231,17 @@ class Hyperparameters:
         "Beta(alpha, alpha) per batch, and so is its loss (Zhang et al.); 0: none"
     )
 
+    # Fine-tuning a torchvision:<arch> model, whose classifier head is new (hpo.training.backbones).
+    freeze_epochs: int = _declare(
+        0, NON_NEGATIVE,
+        "epochs at the start in which only the new classifier head trains: the rest gets no update and its BatchNorm "
+        "statistics are kept; then every layer trains (>= max_epochs: the backbone never trains)",
+        models=TORCHVISION,
+    )
+    backbone_lr_scale: float = _declare(
+        1.0, DECAY, "every layer but the new head learns at lr x this (discriminative learning rates); the head at lr",
+        models=TORCHVISION,
+    )
     # The user's own model's hyperparameters ([model.space]), by their own names: what its builder gets
     # as keyword arguments. Not declared here: the study file declares them.
     model_params: Mapping[str, Value] = dataclasses.field(default_factory=dict)
@@ -261,9 +274,11 @@ PARAMETERS: Mapping[str, Parameter] = _parameters()
 
 
 def applies_to(name: str, model: str) -> bool:
-    """Whether hyperparameter ``name`` shapes ``model`` (a key of hpo.studyfile.names.MODELS)."""
+    """Whether hyperparameter ``name`` shapes ``model`` (a ``[model] name``); ``family:*`` in ``models`` covers ``family:<any>``."""
     models = PARAMETERS[name].models
-    return models is None or model in models
+    if models is None:
+        return True
+    return any(model == m or (m.endswith(":*") and model.startswith(m[:-1])) for m in models)
 
 
 def _shown(value: Value) -> str:

@@ -141,9 +141,15 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    # A built-in model (hpo.studyfile.names.MODELS), or the user's own: an import path
-    # "package.module:build", or a name registered with @hpo.register_model or the hpo.models entry points.
+    # A built-in model (hpo.studyfile.names.MODELS); "torchvision:<arch>", a classification model of
+    # torchvision (hpo.training.backbones); or the user's own: an import path "package.module:build", or a
+    # name registered with @hpo.register_model or the hpo.models entry points (hpo.training.user_models).
     name: str = "cnn"
+    # torchvision:<arch> only. None: random initialization; "DEFAULT" or a member name of the arch's
+    # weights enum ("IMAGENET1K_V1"): torchvision's pretrained weights, from torch.hub's cache
+    # ($TORCH_HOME/hub/checkpoints) or downloaded there; a path (relative to the working directory)
+    # to a .pth/.pt state dict of the arch.
+    weights: str | None = None
     # The user's own model's hyperparameters ([model.space]); its builder gets them as keyword arguments.
     space: ModelSpace = ModelSpace()
 
@@ -151,15 +157,22 @@ class ModelSection:
         problem = names.model_problem(self.name)
         if problem:
             raise ValueError(problem)
+        if self.weights is not None:
+            if names.torchvision_arch(self.name) is None:
+                raise ValueError(f"weights is for torchvision:<arch> models only, got name {self.name!r}")
+            problem = names.weights_problem(self.weights)
+            if problem:
+                raise ValueError(problem)
         if self.space.entries and not names.is_user_model(self.name):
             raise ValueError(
                 f"[model.space] is for your own model's hyperparameters; {self.name!r} is built-in and takes [space]'s"
             )
 
 
-def _check_name(key: str, value: str, table: Mapping[str, object]) -> None:
+def _check_name(key: str, value: str, table: Mapping[str, object], *, also: str = "") -> None:
     if value not in table:
-        raise ValueError(f"{key} must be one of {', '.join(repr(n) for n in table)}, got {value!r}")
+        hint = f" ({also})" if also else ""
+        raise ValueError(f"{key} must be one of {', '.join(repr(n) for n in table)}, got {value!r}{hint}")
 
 
 @dataclass(frozen=True)
@@ -272,9 +285,11 @@ def _space_misfit(given: Iterable[str], model: str) -> str | None:
     ignored = [key for key in given if not applies_to(key, model)]
     if not ignored:
         return None
-    models = " and ".join(PARAMETERS[ignored[0]].models or ())
+    models = PARAMETERS[ignored[0]].models or ()
+    if models == (names.TORCHVISION_MODELS,):
+        return f"{ignored[0]} fine-tunes torchvision:<arch> models only, not model {model!r}"
     kind = "your own model (its hyperparameters go in [model.space])" if names.is_user_model(model) else "a fixed architecture"
-    return f"{ignored[0]} shapes the {models} model only; model {model!r} is {kind}"
+    return f"{ignored[0]} shapes the {' and '.join(models)} model only; model {model!r} is {kind}"
 
 
 def with_model(spec: StudySpec, name: str) -> StudySpec:

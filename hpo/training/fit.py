@@ -22,7 +22,7 @@ from torch import nn
 from hpo.training.batches import Batch, Loss, Normalizer, eval_batches, steps_per_epoch, training_batches
 from hpo.training.config import EpochResult, TrainConfig
 from hpo.training.device import uses_bf16
-from hpo.training.optimization import Schedule, make_loss, make_optimizer, make_schedule
+from hpo.training.optimization import Schedule, freeze_backbone, make_loss, make_optimizer, make_schedule
 from hpo.training.splits import SearchData, Split
 
 # Images per forward pass when evaluating; bounded so that big models still fit in memory.
@@ -176,6 +176,8 @@ class _Training:
         device = config.device
         start = time.perf_counter()
         self.model.train()
+        # The first freeze_epochs train a new head only (torchvision backbones): by epoch number, so resuming keeps it.
+        freeze_backbone(self.model, frozen=epoch <= config.hp.freeze_epochs)
         batches = training_batches(data.train, config, generator=self.generator, normalize=self.normalize, epoch=epoch)
         train_loss, seen = _train_epoch(
             self.step_model, batches, criterion=self.criterion, optimizer=self.optimizer, schedule=self.schedule,

@@ -5,7 +5,9 @@ A built-in builder takes ``(hp, in_channels=, num_classes=, image_size=)``; the 
 the user's own model (:mod:`hpo.training.user_models`: import path, entry point, or a name
 registered with ``@register_model``, which is ``hpo.register_model``), built from its [model.space].  The configurable CNN reads the architecture hyperparameters (those
 declared ``models=CNN`` in ``hpo.studyfile.space``); ResNet18 and ResNet-9 are fixed architectures.
-The ``init`` hyperparameter applies to every model.
+The ``init`` hyperparameter applies to every model (to a pretrained one's new head only).
+``torchvision:<arch>`` names are not registered here: :func:`build_model` hands them to
+:mod:`hpo.training.backbones`.
 """
 
 from __future__ import annotations
@@ -193,7 +195,13 @@ def initialize(model: nn.Module, init: str, activation: str) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def build_model(name: str, hp: Hyperparameters, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+def build_model(
+    name: str, hp: Hyperparameters, *, in_channels: int, num_classes: int, image_size: int, weights: str | None = None
+) -> nn.Module:
+    """The model ``[model] name`` (with ``[model] weights``, for torchvision:<arch> only), initialized as ``hp.init`` says."""
+    arch = names.torchvision_arch(name)
+    if arch is not None:
+        return _torchvision_model(arch, hp, weights=weights, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     if names.is_user_model(name):
         model = user_models.build_user_model(
             name, hp.model_params, in_channels=in_channels, num_classes=num_classes, image_size=image_size
@@ -203,6 +211,17 @@ def build_model(name: str, hp: Hyperparameters, *, in_channels: int, num_classes
     model = MODELS[name](hp, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     # The fixed architectures use ReLU whatever hp.activation says.
     initialize(model, hp.init, hp.activation if names.MODELS[name].configurable else "relu")
+    return model
+
+
+def _torchvision_model(
+    arch: str, hp: Hyperparameters, *, weights: str | None, in_channels: int, num_classes: int, image_size: int
+) -> nn.Module:
+    """``torchvision:<arch>`` (hpo.training.backbones); pretrained weights are kept: ``init`` re-initializes the new head only."""
+    from hpo.training.backbones import HEAD_ATTRIBUTE, build_backbone
+
+    model = build_backbone(arch, weights=weights, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    initialize(model if weights is None else model.get_submodule(getattr(model, HEAD_ATTRIBUTE)), hp.init, "relu")
     return model
 
 

@@ -5,12 +5,51 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hpo.studyfile.space import Hyperparameters
+from hpo.training.backbones import HEAD_ATTRIBUTE, head_parameter_names
 from hpo.training.batches import Loss
 from hpo.training.config import TrainConfig
 
+# The layers whose running statistics a frozen backbone keeps (eval mode); LayerNorm and GroupNorm have none.
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def parameter_groups(model: nn.Module, hp: Hyperparameters) -> list[dict[str, object]]:
+    """The optimizer's parameter groups: one at lr; for a model with a new head (hpo.training.backbones),
+    the rest at lr x ``backbone_lr_scale``, then the head at lr (discriminative learning rates)."""
+    lr = hp.scaled_lr()
+    head = head_parameter_names(model)
+    if not head:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for name, p in named if name not in head], "lr": lr * hp.backbone_lr_scale},
+        {"params": [p for name, p in named if name in head], "lr": lr},
+    ]
+
+
+def freeze_backbone(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or unfreeze) all but a new head; call after ``model.train()`` at the start of every epoch.
+
+    Frozen parameters get no gradient, so no optimizer touches them (weight decay included), and
+    frozen BatchNorm layers run in eval mode, so their running statistics stay the pretrained ones.
+    The caller decides from the epoch number, so a fit resumed from a checkpoint freezes the same
+    epochs.  A model without a new head is left alone.
+    """
+    head = head_parameter_names(model)
+    if not head:
+        return
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(not frozen or name in head)
+    if frozen:
+        head_modules = set(model.get_submodule(getattr(model, HEAD_ATTRIBUTE)).modules())
+        for module in model.modules():
+            if isinstance(module, _BATCH_NORMS) and module not in head_modules:
+                module.eval()
+
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    hp, params = config.hp, model.parameters()
+    hp, params = config.hp, parameter_groups(model, config.hp)
     lr = hp.scaled_lr()
     if hp.optimizer == "sgd":
         return torch.optim.SGD(
@@ -60,9 +99,10 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, *, step
     if hp.schedule == "onecycle":
         # Linear warm-up from lr/25 to lr over warmup_fraction of all steps, then linear decay to
         # lr/25/1e4, as in Page's ResNet-9 recipe; momentum stays the momentum hyperparameter.
+        # Each parameter group peaks at its own lr (a backbone's is lr x backbone_lr_scale).
         return Schedule(
             lr_scheduler.OneCycleLR(
-                optimizer, max_lr=hp.scaled_lr(), total_steps=config.max_epochs * steps_per_epoch,
+                optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=config.max_epochs * steps_per_epoch,
                 pct_start=hp.warmup_fraction, anneal_strategy="linear", cycle_momentum=False,
             ),
             per_batch=True,
