@@ -209,3 +209,20 @@ def stand_in_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), path)
     return home
+
+
+def random_image_folder(
+    root: Path, *, train: int, test: int, size: int, classes: tuple[str, ...] = ("a", "b"), seed: int = 0
+) -> Path:
+    """``root/train/<class>/`` with ``train`` random ``size`` px PNGs per class and ``root/test/<class>/`` with ``test``:
+    a dataset for tests that need images of some shape but no learnable content."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("test", test)):
+        for label in classes:
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+    return root

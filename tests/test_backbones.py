@@ -293,3 +293,21 @@ def test_the_finetune_study_runs_with_stand_in_weights(tmp_path: Path, stand_in_
     trials = optuna.load_study(study_name="finetune", storage=url).trials
     assert len(trials) == 2 and all(t.state.is_finished() for t in trials)
     assert all({"freeze_epochs", "backbone_lr_scale", "lr"} <= set(t.params) for t in trials)
+
+
+def test_a_pretrained_model_without_an_image_size_gets_its_weights_native_size(tmp_path: Path) -> None:
+    """[data] image_size unset: 224 px for ImageNet weights (what the features were learned at), the dataset's own
+    size for random weights and the other models; a size in the study file always wins."""
+    from hpo.studyfile.spec import load_spec
+    from hpo.training.recipe import model_image_size
+
+    pretrained = tmp_path / "p.toml"
+    pretrained.write_text('[model]\nname = "torchvision:resnet18"\nweights = "DEFAULT"\n')
+    assert model_image_size(load_spec(pretrained)) == 224
+    pretrained.write_text('[model]\nname = "torchvision:mobilenet_v3_small"\nweights = "IMAGENET1K_V1"\n')
+    assert model_image_size(load_spec(pretrained)) == 224
+    random = tmp_path / "r.toml"
+    random.write_text('[model]\nname = "torchvision:resnet18"\n')
+    assert model_image_size(load_spec(random)) is None
+    random.write_text('[model]\nname = "cnn"\n')
+    assert model_image_size(load_spec(random)) is None

@@ -11,13 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
-from PIL import Image
 
-from conftest import write_study
+from conftest import random_image_folder, write_study
 from hpo.run import main
 from hpo.studyfile.spec import load_spec
 from hpo.tuning.objective import suggest
@@ -29,14 +27,7 @@ SECRET = "P@ss:w0rd"
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pictures")
-    rng = np.random.default_rng(1)
-    for split, count in (("train", 8), ("test", 2)):
-        for label in ("a", "b"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
-    return root
+    return random_image_folder(tmp_path_factory.mktemp("pictures"), train=8, test=2, size=12, seed=1)
 
 
 def _study_file(folder: Path, pictures: Path, optimizers: str) -> Path:

@@ -13,13 +13,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import torch
-from PIL import Image
 
 import hpo
+from conftest import random_image_folder
 from hpo.errors import SpecError
 from hpo.results.retrain import load_model
 from hpo.run import main as run_main
@@ -70,15 +69,7 @@ type = "none"
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/<class>/ with 12 random 20 px images per class, test/<class>/ with 3."""
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 12), ("test", 3)):
-        for label in ("cat", "dog"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
-    return root
+    return random_image_folder(tmp_path_factory.mktemp("photos"), train=12, test=3, size=20, classes=("cat", "dog"))
 
 
 def _study(folder: Path, photos: Path, *, model: str, name: str = "mine", module: str | None = MODEL_MODULE) -> Path:
