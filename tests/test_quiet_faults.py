@@ -172,3 +172,62 @@ def test_a_trial_has_a_heartbeat_before_it_is_claimed(tmp_path: Path, monkeypatc
     )
     assert events.index("heartbeat") < events.index("attr worker"), events
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+def test_a_worker_waiting_at_the_end_of_the_study_names_the_trials_it_waits_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from hpo.tuning.outage import StorageGuard
+    from hpo.tuning.worker import run_worker
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}", "--storage")
+    study = optuna.create_study(study_name="waiting", storage=storage)
+    study.tell(study.ask(), 1.0)
+    study.ask()  # trial 1: RUNNING under another worker, holding the budget's last place
+    with caplog.at_level(logging.INFO, logger="hpo.tuning.worker"):
+        ran = run_worker(
+            study, lambda trial: 1.0, storage=storage, guard=StorageGuard(shown="test"), budget=2, timeout=1.0,
+            heartbeat_interval=None, grace_period=30,
+        )
+    assert ran == 0
+    assert "budget taken by running trials 1; waiting in case one of them dies" in caplog.messages
+
+
+@pytest.mark.parametrize("moment", ["claim", "suggest"])
+def test_a_trial_ended_under_its_worker_before_training_does_not_end_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """A trial failed by someone else (a reaper, the dashboard) at the claim or while its parameters are sampled:
+    the worker goes on with the next trial instead of exiting with code 1 (which uses up a Job's backoff limit)."""
+    from hpo.tuning.outage import StorageGuard
+    from hpo.tuning.worker import run_worker
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}", "--storage")
+    study = optuna.create_study(study_name="ended", storage=storage)
+    ended: list[int] = []
+    real_attr = optuna.Trial.set_user_attr
+
+    def end_it(trial: optuna.Trial) -> None:
+        if not ended:
+            ended.append(trial.number)
+            study.tell(trial.number, state=TrialState.FAIL)  # as a reaper in another process would
+
+    def set_user_attr(trial: optuna.Trial, key: str, value: object) -> None:
+        if moment == "claim" and key == "worker":
+            end_it(trial)
+        real_attr(trial, key, value)
+
+    def objective(trial: optuna.Trial) -> float:
+        if moment == "suggest":
+            end_it(trial)
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    monkeypatch.setattr(optuna.Trial, "set_user_attr", set_user_attr)
+    ran = run_worker(
+        study, objective, storage=storage, guard=StorageGuard(shown="test"), budget=2, timeout=None,
+        heartbeat_interval=None, grace_period=30,
+    )
+    assert ended == [0] and ran == 3
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]

@@ -33,14 +33,17 @@ class Tally:
     finished: int
     running: int
     waiting: int
+    running_numbers: tuple[int, ...] = ()  # the RUNNING trials, which a waiting worker waits for
 
     @classmethod
     def of(cls, study: optuna.Study) -> Tally:
-        states = [trial.state for trial in study.get_trials(deepcopy=False)]
+        trials = study.get_trials(deepcopy=False)
+        states = [trial.state for trial in trials]
         return cls(
             finished=sum(state in FINISHED_STATES for state in states),
             running=states.count(TrialState.RUNNING),
             waiting=states.count(TrialState.WAITING),
+            running_numbers=tuple(trial.number for trial in trials if trial.state == TrialState.RUNNING),
         )
 
     def next(self, budget: int) -> Next:

@@ -137,7 +137,12 @@ class _Worker:
     def run_one(self) -> None:
         """Ask, train, tell one trial; the callbacks then see its stored result."""
         trial = self._ask()
-        heartbeat = self._claim(trial)
+        try:
+            heartbeat = self._claim(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Reaped as an orphan (a storage hiccup between ask and claim) or failed by hand: not this worker's error.
+            logger.warning("trial %d was ended before this worker could claim it; going on with the next trial", trial.number)
+            return
         try:
             value, state = self._train(trial)
             if state is None:
@@ -168,6 +173,11 @@ class _Worker:
             return None, TrialState.FAIL
         except TrialAbandoned as abandoned:
             logger.warning("%s: stopped it; going on with the next trial (a retry resumes from its checkpoint)", abandoned)
+            return None, None
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Ended under this worker between epochs' reports: while its parameters were sampled, or while a
+            # failure was recorded. As at an epoch boundary (TrialAbandoned): not this worker's error.
+            logger.warning("trial %d was ended while this worker started or failed it; going on with the next trial", trial.number)
             return None, None
         except StorageUnavailable:
             raise  # nothing can be recorded; the trial is reaped and re-queued once the storage is back
@@ -234,22 +244,24 @@ def run_worker(
 def _loop(worker: _Worker, *, budget: int, deadline: float | None) -> int:
     """Start trials while the budget leaves room, until it is met or ``deadline`` (monotonic s) passes."""
     ran = 0
-    waiting_logged = False
+    waiting_for: tuple[int, ...] | None = None  # the running trials last logged as blocking this worker
     while deadline is None or time.monotonic() < deadline:
         worker.stop.raise_if_requested()
-        step = worker.guard.call("count the study's trials", lambda: Tally.of(worker.study)).next(budget)
+        tally = worker.guard.call("count the study's trials", lambda: Tally.of(worker.study))
+        step = tally.next(budget)
         if step is Next.STOP:
             break
         if worker.guard.call("look at the grid", lambda: grid_exhausted(worker.study)):
             logger.info("every point of the grid has been tried: stopping below the budget of %d", budget)
             break
         if step is Next.WAIT:
-            if not waiting_logged:
-                logger.info("budget taken by running trials; waiting in case one of them dies")
-                waiting_logged = True
+            if tally.running_numbers != waiting_for:  # said again whenever the set of blocking trials changes
+                waiting_for = tally.running_numbers
+                shown = ", ".join(map(str, waiting_for))
+                logger.info("budget taken by running trials %s; waiting in case one of them dies", shown)
             time.sleep(POLL_S)
             continue
-        waiting_logged = False
+        waiting_for = None
         worker.run_one()
         ran += 1
     return ran
