@@ -231,3 +231,91 @@ def test_a_trial_ended_under_its_worker_before_training_does_not_end_the_worker(
     )
     assert ended == [0] and ran == 3
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+@pytest.mark.slow
+def test_a_study_created_again_under_its_name_never_resumes_the_old_studys_weights(tmp_path: Path, pictures: Path) -> None:
+    """The old study's trial 0 left a checkpoint (it failed after an epoch); the study was deleted and created again,
+    and its new trial 0 failed and was re-queued: the retry starts afresh instead of from the old weights."""
+    import torch
+
+    from hpo.training.datasets import load_dataset
+    from hpo.training.fit import fit
+    from hpo.training.recipe import seeded_model, train_config
+    from hpo.training.splits import carve_validation
+    from hpo.tuning.objective import Objective
+    from hpo.tuning.outage import StorageGuard
+    from hpo.tuning.storage import retry_callback
+    from hpo.tuning.worker import run_worker
+
+    spec = load_spec(_study_file(tmp_path, pictures, '["sgd"]'))
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    data = carve_validation(load_dataset(spec.data), spec.data)
+    objective = Objective(spec=spec, data=data, device=torch.device("cpu"), checkpoint_dir=tmp_path / "ck",
+                          guard=StorageGuard(shown="test"))
+
+    old = open_study(spec, open_storage(url, "--storage"))
+    old_trial = old.ask()
+    hp = suggest(old_trial, spec.space)
+    old_path = objective.checkpoint_path(old.trials[0])
+    fit(seeded_model(spec, hp, data, 0), data, train_config(spec, hp, seed=0, device=torch.device("cpu")),
+        checkpoint=old_path, stop_after=1)
+    assert old_path.is_file()
+    optuna.delete_study(study_name="edited", storage=url)
+
+    storage = open_storage(url, "--storage")
+    new = open_study(spec, storage)
+    new_trial = new.ask()
+    suggest(new_trial, spec.space)
+    retry_callback()(new, new.tell(new_trial, state=TrialState.FAIL))  # as a reaper does: trial 1 retries trial 0
+    run_worker(new, objective, storage=storage, guard=objective.guard, budget=1, timeout=None,
+               heartbeat_interval=None, grace_period=30, callbacks=[objective.on_trial_end])
+    retry = new.trials[1]
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 0
+    assert "resumed_from_epoch" not in retry.user_attrs, "resumed from the deleted study's checkpoint"
+    assert old_path.is_file(), "the old study's file is not touched"
+
+
+# A stand-in for a worker's dataset download: inside the download lock it says so, then waits to be released.
+DOWNLOADER = """
+import logging, sys, time
+from pathlib import Path
+from hpo.training.datasets import download_lock
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+root, name = Path(sys.argv[1]), sys.argv[2]
+with download_lock(root):
+    (root / f"{name}-inside").touch()
+    while not (root / f"{name}-release").exists():
+        time.sleep(0.05)
+"""
+
+
+def test_workers_on_an_empty_data_folder_download_one_at_a_time(tmp_path: Path) -> None:
+    from faults import wait_for
+
+    root = tmp_path / "data"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    processes: list[subprocess.Popen[str]] = []
+
+    def downloader(name: str) -> subprocess.Popen[str]:
+        processes.append(subprocess.Popen([sys.executable, "-c", DOWNLOADER, str(root), name], env=env, text=True,
+                                          stderr=subprocess.PIPE))
+        return processes[-1]
+
+    first = downloader("first")
+    try:
+        wait_for(lambda: (root / "first-inside").exists(), 60, "the first download to start")
+        second = downloader("second")
+        assert second.stderr is not None
+        line = wait_for(second.stderr.readline, 60, "the second process to report its wait")
+        assert f"waiting for another process's download into {root}" in str(line)
+        assert not (root / "second-inside").exists(), "two downloads into one folder at once"
+        (root / "first-release").touch()
+        wait_for(lambda: (root / "second-inside").exists(), 60, "the second download to start after the first")
+        (root / "second-release").touch()
+        assert second.wait(timeout=60) == 0 and first.wait(timeout=60) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()

@@ -19,12 +19,14 @@ at most ``CHUNK_BYTES`` of floats, so that no step copies a whole dataset as flo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import pickle
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -82,7 +84,8 @@ def load_dataset(
         looked.append("download skipped (HPO_OFFLINE=1)")
     else:
         try:
-            raw = _load_torchvision(section.dataset, info, data_dir, download=True)
+            with download_lock(data_dir):
+                raw = _load_torchvision(section.dataset, info, data_dir, download=True)
             return shaped(raw, section, info, placement=placement, label="data_dir")
         except (*_TORCHVISION_ERRORS, tarfile.TarError) as exc:  # urllib errors are OSErrors
             looked.append(f"download failed ({first_line(exc)})")
@@ -229,6 +232,28 @@ def shaped(raw: Dataset, section: DataSection, info: DatasetInfo, *, placement: 
     else:
         mean, std = _stats(train)
     return dataclasses.replace(raw, train_images=train, test_images=test, mean=mean, std=std)
+
+
+@contextlib.contextmanager
+def download_lock(root: Path) -> Iterator[None]:
+    """One download into ``root`` at a time, among the processes of every worker that shares the folder.
+
+    Workers started together on an empty data volume would otherwise all download into one folder
+    at once, each overwriting the others' half-written files.  The first holds the lock while it
+    downloads; the others wait, then find the files complete (torchvision checks them) and download
+    nothing.  An flock on a file in the folder: local and NFSv4 filesystems honour it.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".hpo-download.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process's download into %s", root)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _load_torchvision(name: str, info: DatasetInfo, root: Path, *, download: bool) -> Dataset:

@@ -68,8 +68,11 @@ class TrialAbandoned(Exception):
 
 def stored_trial(trial: optuna.Trial, study_id: int) -> optuna.trial.FrozenTrial:
     """The stored state of a live trial, through the storage's public lookups (Trial has no getter)."""
-    storage = trial.storage
-    return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+    return _trial_by_number(trial.storage, study_id, trial.number)
+
+
+def _trial_by_number(storage: optuna.storages.BaseStorage, study_id: int, number: int) -> optuna.trial.FrozenTrial:
+    return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
 
 def original_number(trial: optuna.trial.FrozenTrial) -> int:
@@ -183,11 +186,20 @@ class Objective:
         self.on_pruned = on_pruned
         self.host = socket.gethostname()
         self._study_id: int | None = None
+        self._checkpoints: dict[int, Path] = {}  # trial number → its checkpoint, until the trial ends
 
-    def checkpoint_path(self, number: int) -> Path:
-        return self.checkpoint_dir / self.spec.study.name / f"trial-{number}.pt"
+    def checkpoint_path(self, original: optuna.trial.FrozenTrial) -> Path:
+        """Where trial ``original`` (the first of a retry chain) and its retries keep their last epoch.
 
-    def _start(self, trial: optuna.Trial) -> tuple[int, Hyperparameters]:
+        Keyed by the original trial's start time as well as its number: a study deleted and created
+        again under the same name numbers its trials from 0 again, and must not resume from the old
+        study's weights.
+        """
+        assert original.datetime_start is not None  # set by Optuna when the trial was asked for
+        stamp = original.datetime_start.strftime("%Y%m%dT%H%M%S%f")
+        return self.checkpoint_dir / self.spec.study.name / f"trial-{original.number}-{stamp}.pt"
+
+    def _start(self, trial: optuna.Trial) -> tuple[int, Path, Hyperparameters]:
         """Storage reads and writes before training: the budget check, the retried trial, the parameters."""
         # Two workers that started the last place in the same instant: the later one fails before it trains.
         too_many = surplus(trial, self.budget) if self.budget is not None else None
@@ -197,20 +209,25 @@ class Objective:
         # A retried trial (its worker died) keeps the seed and the checkpoint of the trial it retries.
         if self._study_id is None:  # fixed for the study's life: looked up once
             self._study_id = trial.storage.get_study_id_from_name(trial.study.study_name)
-        number = original_number(stored_trial(trial, self._study_id))
-        return number, suggest(trial, self.spec.space, self.spec.model.space)
+        stored = stored_trial(trial, self._study_id)
+        number = original_number(stored)
+        original = stored if number == trial.number else _trial_by_number(trial.storage, self._study_id, number)
+        path = self.checkpoint_path(original)
+        self._checkpoints[trial.number] = path
+        return number, path, suggest(trial, self.spec.space, self.spec.model.space)
 
     def on_trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """After the worker told the result: a finished trial's checkpoint is no longer needed.
 
         A failed one's is kept, since its retry resumes from it.
         """
-        if trial.state in FINISHED_STATES:
-            self.checkpoint_path(original_number(trial)).unlink(missing_ok=True)
+        path = self._checkpoints.pop(trial.number, None)
+        if path is not None and trial.state in FINISHED_STATES:
+            path.unlink(missing_ok=True)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        number, hp = self.guard.call(f"start trial {trial.number}", lambda: self._start(trial))
-        return TrialRun(self, trial, number, hp).run()
+        number, path, hp = self.guard.call(f"start trial {trial.number}", lambda: self._start(trial))
+        return TrialRun(self, trial, number, path, hp).run()
 
 
 class TrialRun:
@@ -220,14 +237,16 @@ class TrialRun:
     first trial of its retry chain, which it resumes after that trial's last checkpointed epoch.
     """
 
-    def __init__(self, objective: Objective, trial: optuna.Trial, number: int, hp: Hyperparameters) -> None:
+    def __init__(
+        self, objective: Objective, trial: optuna.Trial, number: int, checkpoint: Path, hp: Hyperparameters
+    ) -> None:
         self.objective = objective
         self.trial = trial
         self.number = number
         self.metric = objective.spec.study.metric
         self.seed = trial_seed(objective.spec.study.seed, number)
         self.hp = hp
-        self.checkpoint = objective.checkpoint_path(number)
+        self.checkpoint = checkpoint
         self.resume: Checkpoint | None = load_checkpoint(self.checkpoint) if number != trial.number else None
         self.recorder = EpochRecorder(trial, objective.guard)
         self.history: list[EpochResult] = []
