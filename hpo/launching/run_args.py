@@ -22,6 +22,10 @@ from hpo.tuning.outage import DEFAULT_PATIENCE_S
 
 PROG = "hpo.run"
 
+# Seconds a trial may go without finishing an epoch (and more than 3 times its worker's longest epoch)
+# before its worker is taken for stuck: above the slowest epoch hpo's studies train on a CPU.
+DEFAULT_STALL_S = 3600.0
+
 # Seconds a worker gets, after SIGTERM, to fail and re-queue its running trial before it is killed:
 # by the local launcher on Ctrl-C, and by a Slurm task near its time limit (which warns
 # hpo.launching.slurm.SIGNAL_DELAY_S = 120 s before it).
@@ -41,6 +45,7 @@ class SearchSettings:
     heartbeat_interval: int = 10  # seconds
     grace_period: int | None = None  # seconds; None: 3 x heartbeat_interval
     storage_patience: float = DEFAULT_PATIENCE_S  # seconds
+    stall_timeout: float = DEFAULT_STALL_S  # seconds without an epoch after which a trial stops beating
     worker_index: int | None = None  # set by the launcher for the processes it starts
     verbose: bool = False  # log every epoch
     quiet: bool = False  # no progress bars; warnings and the summary only
@@ -109,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds a worker waits out an unreachable storage before it exits with code {cli.EXIT_STORAGE_UNAVAILABLE} "
         f"(default {DEFAULT_PATIENCE_S:.0f})",
     )
+    parser.add_argument(
+        "--stall-timeout", type=cli.positive_seconds, default=DEFAULT_STALL_S,
+        help=f"seconds a trial may go without an epoch (and over 3x its worker's longest) before its worker stops its "
+        f"heartbeat so that another retries it (default {DEFAULT_STALL_S:.0f})",
+    )
     parser.add_argument("--worker-index", type=cli.non_negative_int, help=argparse.SUPPRESS)
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="log every epoch of every trial")
@@ -128,7 +138,8 @@ def parse_run_args(argv: Sequence[str] | None) -> RunRequest:
         settings=SearchSettings(
             n_trials=args.n_trials, storage=args.storage, timeout=args.timeout, checkpoint_dir=args.checkpoint_dir,
             gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, heartbeat_interval=args.heartbeat_interval,
-            grace_period=args.grace_period, storage_patience=args.storage_patience, worker_index=args.worker_index,
+            grace_period=args.grace_period, storage_patience=args.storage_patience, stall_timeout=args.stall_timeout,
+            worker_index=args.worker_index,
             verbose=args.verbose, quiet=args.quiet,
         ),
     )
@@ -151,6 +162,7 @@ def worker_argv(request: RunRequest, *, study_path: Path, checkpoint_dir: Path, 
         ("--max-epochs", overrides.max_epochs), ("--timeout", settings.timeout),
         ("--grace-period", settings.grace_period),
         ("--storage-patience", None if settings.storage_patience == DEFAULT_PATIENCE_S else settings.storage_patience),
+        ("--stall-timeout", None if settings.stall_timeout == DEFAULT_STALL_S else settings.stall_timeout),
     ):
         if value is not None:
             argv += [flag, str(value)]

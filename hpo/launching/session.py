@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpo.errors import UsageError
-from hpo.launching.run_args import RunRequest, SearchSettings, worker_argv
+from hpo.launching.run_args import DEFAULT_STALL_S, RunRequest, SearchSettings, worker_argv
 from hpo.studyfile.spec import Overrides, StudySpec, find_study, load_spec
 from hpo.tuning.outage import DEFAULT_PATIENCE_S
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # imported lazily below: a bad setting should fail fast, befo
     from hpo.training.arrays import ArrayData
     from hpo.training.memory import Placement
     from hpo.training.splits import Dataset
+    from hpo.tuning.heartbeat import ProgressClock
     from hpo.tuning.objective import EpochListener, Objective
     from hpo.tuning.outage import StorageGuard
     from hpo.tuning.worker import TrialCallback
@@ -246,13 +247,15 @@ def _run_here(
     listeners: Listeners, storage_shown: str,
 ) -> None:
     """Train trials in this process until the budget is met."""
+    from hpo.tuning.heartbeat import ProgressClock
     from hpo.tuning.outage import StorageGuard
     from hpo.tuning.worker import run_worker
 
     settings = request.settings
     assert checked.device is not None and checked.dataset is not None
     guard = StorageGuard(shown=storage_shown, patience=settings.storage_patience)
-    objective = _objective(checked, settings, guard=guard, listeners=listeners)
+    clock = ProgressClock()
+    objective = _objective(checked, settings, guard=guard, listeners=listeners, clock=clock)
     logger.info(
         "running up to %d more trials on %s (budget %d, %d finished)",
         settings.n_trials - done, checked.device, settings.n_trials, done,
@@ -262,11 +265,13 @@ def _run_here(
     run_worker(
         study, objective, storage=storage, guard=guard, budget=settings.n_trials, timeout=settings.timeout,
         heartbeat_interval=settings.heartbeat_interval, grace_period=checked.grace_period,
-        callbacks=[objective.on_trial_end, *listeners.on_trial_end],
+        callbacks=[objective.on_trial_end, *listeners.on_trial_end], clock=clock, stall_timeout=settings.stall_timeout,
     )
 
 
-def _objective(checked: _Checked, settings: SearchSettings, *, guard: StorageGuard, listeners: Listeners) -> Objective:
+def _objective(
+    checked: _Checked, settings: SearchSettings, *, guard: StorageGuard, listeners: Listeners, clock: ProgressClock
+) -> Objective:
     """The objective of this process's trials, holding the search data on the device for all of them."""
     from hpo.training.splits import carve_validation
     from hpo.tuning.notes import write_pruning_note
@@ -281,7 +286,7 @@ def _objective(checked: _Checked, settings: SearchSettings, *, guard: StorageGua
     )
     return Objective(
         spec=spec, data=search_data.to(device), device=device, checkpoint_dir=checked.checkpoint_dir, guard=guard,
-        budget=settings.n_trials, on_epoch=listeners.on_epoch, on_pruned=write_pruning_note,
+        budget=settings.n_trials, on_epoch=listeners.on_epoch, on_pruned=write_pruning_note, on_progress=clock.touch,
     )
 
 
@@ -310,6 +315,7 @@ def search(
     heartbeat_interval: int = 10,
     grace_period: int | None = None,
     storage_patience: float = DEFAULT_PATIENCE_S,
+    stall_timeout: float = DEFAULT_STALL_S,
     on_epoch: EpochListener | None = None,
     model: Callable[..., torch.nn.Module] | None = None,
     data: ArrayData | None = None,
@@ -334,7 +340,7 @@ def search(
         settings=SearchSettings(
             n_trials=n_trials, storage=storage, timeout=timeout, checkpoint_dir=checkpoint_dir, gpus=gpus,
             workers_per_gpu=workers_per_gpu, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            storage_patience=storage_patience,
+            storage_patience=storage_patience, stall_timeout=stall_timeout,
         ),
     )
     spec = None if model is None else _with_model(study, model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 
 import optuna
 from optuna.trial import TrialState
@@ -34,22 +35,58 @@ class _StoppableThread(threading.Thread):
         self._stop_event.set()
 
 
+class ProgressClock:
+    """When the worker's trial last made progress (started, finished an epoch), and its longest epoch.
+
+    The trial's thread touches it; the heartbeat thread reads it.  A float or two written by one
+    thread and read by another: no lock is needed for a reading that may be one epoch late.
+    """
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.longest_epoch = 0.0  # seconds
+
+    def touch(self, epoch_seconds: float = 0.0) -> None:
+        self.last = time.monotonic()
+        self.longest_epoch = max(self.longest_epoch, epoch_seconds)
+
+    def stalled(self, bound: float) -> float | None:
+        """Seconds since the last progress when that exceeds ``bound`` (and 3 epochs as long as the longest), else None."""
+        idle = time.monotonic() - self.last
+        return idle if idle > max(bound, 3 * self.longest_epoch) else None
+
+
 class Heartbeat(_StoppableThread):
     """Writes the running trial's heartbeat every ``interval`` seconds, through outages too.
 
     A beat that fails is tried again every HEARTBEAT_RETRY_S seconds; the thread never ends on an
     error, so a trial is never judged dead while its worker lives and the storage can be reached.
+    With a ``clock``, a worker alive but stuck (a hung device call, a blocked write, a lock wait) that
+    makes no progress for ``stall_timeout`` seconds stops beating, so that its trial goes stale and
+    another worker retries it; should it ever move again, it finds the trial ended and goes on.
     """
 
-    def __init__(self, *, storage: optuna.storages.RDBStorage, trial_id: int, interval: float, guard: StorageGuard) -> None:
+    def __init__(
+        self, *, storage: optuna.storages.RDBStorage, trial_id: int, interval: float, guard: StorageGuard,
+        clock: ProgressClock | None = None, stall_timeout: float = float("inf"),
+    ) -> None:
         super().__init__(name="hpo-heartbeat")
         self.storage = storage
         self.trial_id = trial_id
         self.interval = interval
         self.guard = guard
+        self.clock = clock
+        self.stall_timeout = stall_timeout
 
     def run(self) -> None:
+        stalled = False
         while True:
+            if self._stalled(stalled) != stalled:
+                stalled = not stalled
+            if stalled:  # no beat: the trial goes stale and another worker's reaper re-queues it
+                if self._stop_event.wait(min(self.interval, HEARTBEAT_RETRY_S)):
+                    return
+                continue
             try:
                 beaten, _ = self.guard.attempt("write a heartbeat", lambda: self.storage.record_heartbeat(self.trial_id))
             except Exception as exc:  # not an outage, but the trial must go on; the next beat tries again
@@ -57,6 +94,18 @@ class Heartbeat(_StoppableThread):
                 beaten = False
             if self._stop_event.wait(self.interval if beaten else min(self.interval, HEARTBEAT_RETRY_S)):
                 return
+
+    def _stalled(self, was: bool) -> bool:
+        """Whether the trial has made no progress for too long; says so when that changes."""
+        idle = self.clock.stalled(self.stall_timeout) if self.clock is not None else None
+        if idle is not None and not was:
+            logger.error(
+                "no progress on this worker's trial for %.0f s (--stall-timeout %.0f s): its heartbeat stops, so "
+                "that another worker retries it from its checkpoint", idle, self.stall_timeout,
+            )
+        elif idle is None and was:
+            logger.warning("this worker's trial made progress again: its heartbeat resumes")
+        return idle is not None
 
     def stop(self) -> None:
         super().stop()

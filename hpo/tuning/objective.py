@@ -175,8 +175,11 @@ class Objective:
         budget: int | None = None,
         on_epoch: EpochListener | None = None,
         on_pruned: PruneListener | None = None,
+        on_progress: Callable[[float], None] | None = None,
     ) -> None:
         self.spec = spec
+        # Called with each epoch's seconds: the worker's ProgressClock, which keeps a stuck trial from beating.
+        self.on_progress = on_progress
         self.data = data
         self.device = device
         self.checkpoint_dir = checkpoint_dir
@@ -300,6 +303,8 @@ class TrialRun:
     def on_epoch_end(self, result: EpochResult) -> None:
         """fit's callback: record the epoch, report it when the storage can be reached, and prune if told to."""
         self.history.append(result)
+        if self.objective.on_progress is not None:
+            self.objective.on_progress(result.seconds)
         if self.objective.on_epoch is not None:
             self.objective.on_epoch(self.trial.number, result)
         if not (math.isfinite(result.val_loss) and math.isfinite(result.train_loss)):

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from hpo.errors import StorageUnavailable, Terminated
 from hpo.tuning.budget import Next, Tally
-from hpo.tuning.heartbeat import Heartbeat, Reaper
+from hpo.tuning.heartbeat import Heartbeat, ProgressClock, Reaper
 from hpo.tuning.objective import TrialAbandoned, TrialFailed
 from hpo.tuning.outage import StorageGuard
 from hpo.tuning.storage import retry_callback
@@ -90,8 +90,12 @@ class _Worker:
         objective: Callable[[optuna.Trial], float],
         heartbeat_interval: float | None,
         callbacks: Sequence[TrialCallback],
+        clock: ProgressClock | None = None,
+        stall_timeout: float = float("inf"),
     ) -> None:
         self.study = study
+        self.clock = clock
+        self.stall_timeout = stall_timeout
         self.storage = storage
         self.guard = guard
         self.objective = objective
@@ -121,7 +125,12 @@ class _Worker:
                 lambda: self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number),
             )
             self.guard.call("write a heartbeat", lambda: self.storage.record_heartbeat(trial_id))
-            heartbeat = Heartbeat(storage=self.storage, trial_id=trial_id, interval=self.heartbeat_interval, guard=self.guard)
+            if self.clock is not None:
+                self.clock.touch()
+            heartbeat = Heartbeat(
+                storage=self.storage, trial_id=trial_id, interval=self.heartbeat_interval, guard=self.guard,
+                clock=self.clock, stall_timeout=self.stall_timeout,
+            )
         claim = {**self.claim, "trial": trial.number}
         self.guard.call(f"claim trial {trial.number}", lambda: trial.set_user_attr("worker", claim))
         if heartbeat is not None:
@@ -216,16 +225,19 @@ def run_worker(
     heartbeat_interval: float | None,
     grace_period: float,
     callbacks: Sequence[TrialCallback] = (),
+    clock: ProgressClock | None = None,
+    stall_timeout: float = float("inf"),
 ) -> int:
     """Run trials until the study has ``budget`` finished ones (or ``timeout`` s pass); return how many ran.
 
     On Ctrl-C or SIGTERM the running trial is marked FAIL and re-queued, so a later run (or another
     worker) resumes it from its last epoch checkpoint; the interrupt propagates.  A storage away for
-    longer than the guard's patience raises StorageUnavailable.
+    longer than the guard's patience raises StorageUnavailable.  With a ``clock`` that the objective
+    touches at every epoch, a trial that makes no progress for ``stall_timeout`` seconds stops beating.
     """
     worker = _Worker(
         study=study, storage=storage, guard=guard, objective=objective, heartbeat_interval=heartbeat_interval,
-        callbacks=callbacks,
+        callbacks=callbacks, clock=clock, stall_timeout=stall_timeout,
     )
     previous = {signum: signal.signal(signum, worker.stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     reaper = None
