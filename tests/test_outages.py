@@ -297,3 +297,37 @@ def test_a_trial_reaped_under_its_live_worker_is_skipped_and_its_retry_resumes(t
     assert retry.user_attrs["resumed_from_epoch"] >= len(victim.intermediate_values) >= 1
     assert retry.user_attrs["worker"]["pid"] == worker.process.pid, "the live worker went on and took the retry"
     _summary("reaped under its live worker", trials, resumed_from_epoch=retry.user_attrs["resumed_from_epoch"])
+
+
+def test_a_worker_cut_off_past_the_grace_period_leaves_its_trial_to_the_worker_that_took_it_over(
+    tmp_path: Path, archive: Path, proxied_postgres: tuple[TcpProxy, str]
+) -> None:
+    """One host cut off while the others are not: they reap its trial and resume it from its checkpoint; the cut-off
+    worker waits for the storage before it writes that file again, then finds the trial taken and leaves it."""
+    proxy, url = proxied_postgres
+    direct = make_url(url).set(host=proxy.target[0], port=proxy.target[1]).render_as_string(hide_password=False)
+    study_file = write_study(tmp_path, archive=archive, name="cutoff", max_epochs=8, train_subset=1500)
+    common = ("--study", str(study_file), "--n-trials", "2", "--checkpoint-dir", str(tmp_path / "ckpt"), *BEAT, "--quiet")
+    cut_off = Worker(*common, "--storage", url, "--storage-patience", "240")
+    other = None
+    try:
+        victim = wait_for(lambda: running_with_epochs(direct, "cutoff"), 120, "the first worker's first epoch")
+        assert isinstance(victim, optuna.trial.FrozenTrial)
+        proxy.cut()
+        try:
+            other = Worker(*common, "--storage", direct)
+            assert other.wait(timeout=240) == 0, other.output
+        finally:
+            proxy.restore()
+        assert cut_off.wait(timeout=240) == 0, cut_off.output
+    finally:
+        for worker in (cut_off, other):
+            if worker is not None:
+                worker.kill()
+    assert "Traceback" not in cut_off.output + (other.output if other else "")
+    line = cut_off.wait_for_line("while this worker was cut off", timeout=1)
+    assert f"trial {victim.number} was ended (FAIL)" in line and "without writing" in line, cut_off.output
+    trials = _assert_all_done(direct, "cutoff", 2)
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and retry.user_attrs["pid"] != victim.user_attrs["pid"]
+    assert retry.user_attrs["resumed_from_epoch"] >= 1

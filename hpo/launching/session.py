@@ -287,6 +287,7 @@ def _objective(
     return Objective(
         spec=spec, data=search_data.to(device), device=device, checkpoint_dir=checked.checkpoint_dir, guard=guard,
         budget=settings.n_trials, on_epoch=listeners.on_epoch, on_pruned=write_pruning_note, on_progress=clock.touch,
+        takeover_after=max(1.0, checked.grace_period - settings.heartbeat_interval),
     )
 
 

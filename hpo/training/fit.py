@@ -211,6 +211,7 @@ def fit(
     resume: Checkpoint | None = None,
     stop_after: int | None = None,
     evaluate_each_epoch: bool = True,
+    before_checkpoint: EpochCallback | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data.train`` for up to ``config.max_epochs``, evaluating on ``data.val``.
 
@@ -221,7 +222,9 @@ def fit(
     included in the returned ``FitResult``.  ``stop_after``: train that many epochs only, with the
     learning-rate schedule still spanning ``config.max_epochs`` (as a trial pruned there did).
     ``evaluate_each_epoch=False`` skips ``data.val`` (its loss and accuracy are then NaN), for a
-    caller that looks at held-out data once, after training.
+    caller that looks at held-out data once, after training.  ``before_checkpoint`` sees every epoch
+    before its checkpoint is written; an exception it raises ends training with the previous epoch's
+    checkpoint in place.
     """
     training = _Training.start(model, data, config, resume)
     epochs: list[EpochResult] = list(resume.epochs) if resume is not None else []
@@ -229,6 +232,8 @@ def fit(
     for epoch in range(len(epochs) + 1, last + 1):
         result = training.epoch(epoch, data, config, evaluate_val=evaluate_each_epoch)
         epochs.append(result)
+        if before_checkpoint is not None:
+            before_checkpoint(result)
         if checkpoint is not None:
             training.save(checkpoint, epochs)
         if on_epoch_end is not None:

@@ -176,8 +176,12 @@ class Objective:
         on_epoch: EpochListener | None = None,
         on_pruned: PruneListener | None = None,
         on_progress: Callable[[float], None] | None = None,
+        takeover_after: float | None = None,
     ) -> None:
         self.spec = spec
+        # Seconds of outage after which another worker may have reaped this worker's trial (its grace period
+        # less one heartbeat interval): past them, a cut-off worker stops training the trial.
+        self.takeover_after = takeover_after
         # Called with each epoch's seconds: the worker's ProgressClock, which keeps a stuck trial from beating.
         self.on_progress = on_progress
         self.data = data
@@ -202,6 +206,11 @@ class Objective:
         stamp = original.datetime_start.strftime("%Y%m%dT%H%M%S%f")
         return self.checkpoint_dir / self.spec.study.name / f"trial-{original.number}-{stamp}.pt"
 
+    def study_id(self, trial: optuna.Trial) -> int:
+        if self._study_id is None:  # fixed for the study's life: looked up once
+            self._study_id = trial.storage.get_study_id_from_name(trial.study.study_name)
+        return self._study_id
+
     def _start(self, trial: optuna.Trial) -> tuple[int, Path, Hyperparameters]:
         """Storage reads and writes before training: the budget check, the retried trial, the parameters."""
         # Two workers that started the last place in the same instant: the later one fails before it trains.
@@ -210,11 +219,9 @@ class Objective:
             trial.set_user_attr("fail_reason", too_many)
             raise TrialFailed("surplus")
         # A retried trial (its worker died) keeps the seed and the checkpoint of the trial it retries.
-        if self._study_id is None:  # fixed for the study's life: looked up once
-            self._study_id = trial.storage.get_study_id_from_name(trial.study.study_name)
-        stored = stored_trial(trial, self._study_id)
+        stored = stored_trial(trial, self.study_id(trial))
         number = original_number(stored)
-        original = stored if number == trial.number else _trial_by_number(trial.storage, self._study_id, number)
+        original = stored if number == trial.number else _trial_by_number(trial.storage, self.study_id(trial), number)
         path = self.checkpoint_path(original)
         self._checkpoints[trial.number] = path
         return number, path, suggest(trial, self.spec.space, self.spec.model.space)
@@ -266,7 +273,10 @@ class TrialRun:
         self._resumed()
         config = train_config(objective.spec, self.hp, seed=self.seed, device=objective.device)
         try:
-            fit(model, objective.data, config, self.on_epoch_end, checkpoint=self.checkpoint, resume=self.resume)
+            fit(
+                model, objective.data, config, self.on_epoch_end, checkpoint=self.checkpoint, resume=self.resume,
+                before_checkpoint=self.before_checkpoint,
+            )
         except torch.cuda.OutOfMemoryError:
             del model
             torch.cuda.empty_cache()
@@ -299,6 +309,29 @@ class TrialRun:
             "seconds_per_epoch": sum(e.seconds for e in finite) / len(finite),
             "images_per_second": sum(e.images_per_second for e in finite) / len(finite),
         }
+
+    def before_checkpoint(self, result: EpochResult) -> None:
+        """Cut off from the storage for longer than the trial's grace period, a worker does not know whether
+        another worker has reaped its trial and is resuming it from the checkpoint file: it waits for the storage
+        (up to --storage-patience) before it writes that file or trains on, and stops if the trial is no longer
+        its own.  In an outage of everyone nobody reaps, so the trial goes on once the storage is back."""
+        limit = self.objective.takeover_after
+        if limit is None or self.objective.guard.down_for() <= limit:
+            return
+        logger.warning(
+            "trial %d: cut off from the storage for longer than its grace period allows (%.0f s); waiting for the "
+            "storage before writing epoch %d's checkpoint", self.trial.number, limit, result.epoch,
+        )
+        trial = self.trial
+        study_id = self.objective.study_id(trial)
+        stored = self.objective.guard.call(
+            f"check that trial {trial.number} is still this worker's", lambda: stored_trial(trial, study_id)
+        )
+        if stored.state != optuna.trial.TrialState.RUNNING:
+            raise TrialAbandoned(
+                f"trial {trial.number} was ended ({stored.state.name}) while this worker was cut off; stopped training "
+                f"it after epoch {result.epoch - 1} without writing epoch {result.epoch}'s checkpoint"
+            )
 
     def on_epoch_end(self, result: EpochResult) -> None:
         """fit's callback: record the epoch, report it when the storage can be reached, and prune if told to."""

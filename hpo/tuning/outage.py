@@ -90,6 +90,11 @@ class StorageGuard:
     def down(self) -> bool:
         return self._down_since is not None
 
+    def down_for(self) -> float:
+        """Seconds the storage has been unreachable, as far as this process knows (0 while it is reachable)."""
+        with self._lock:
+            return 0.0 if self._down_since is None else time.monotonic() - self._down_since
+
     def down_within(self, seconds: float) -> bool:
         """True while the storage is unreachable and for ``seconds`` after it came back."""
         with self._lock:
