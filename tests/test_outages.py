@@ -331,3 +331,24 @@ def test_a_worker_cut_off_past_the_grace_period_leaves_its_trial_to_the_worker_t
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
     assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and retry.user_attrs["pid"] != victim.user_attrs["pid"]
     assert retry.user_attrs["resumed_from_epoch"] >= 1
+
+
+def test_workers_whose_sessions_default_to_different_time_zones_never_reap_each_other(tmp_path: Path, archive: Path) -> None:
+    """Two hosts configured differently (PGTZ=UTC and PGTZ=Asia/Tokyo) on one study: heartbeats are written and
+    compared in UTC, so no live trial is taken for stale (on the old main: every trial of the UTC worker was)."""
+    import os
+
+    with fresh_database(server_url("postgresql")) as url:
+        study_file = write_study(tmp_path, archive=archive, name="zones", max_epochs=3, train_subset=1500)
+        common = ("--study", str(study_file), "--n-trials", "6", "--storage", url, *BEAT, "--quiet")
+        workers = [Worker(*common, env=dict(os.environ, PGTZ=zone)) for zone in ("UTC", "Asia/Tokyo")]
+        try:
+            codes = [worker.wait(timeout=300) for worker in workers]
+        finally:
+            for worker in workers:
+                worker.kill()
+        outputs = "\n".join(worker.output for worker in workers)
+        assert codes == [0, 0] and "Traceback" not in outputs, outputs
+        trials = _assert_all_done(url, "zones", 6)
+        assert not [t.number for t in trials if t.state == TrialState.FAIL], outputs
+        assert "was ended" not in outputs and "while this worker" not in outputs
