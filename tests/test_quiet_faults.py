@@ -324,7 +324,7 @@ def test_workers_on_an_empty_data_folder_download_one_at_a_time(tmp_path: Path) 
 # A model whose forward pass hangs in epoch 2 of the first process to take the token file $HANG_TOKEN: a worker alive
 # but stuck, as on a hung device call, while its heartbeat thread goes on. Epoch 1 ends (and is checkpointed) first.
 STUCK_MODEL = """
-import os, time
+import os, threading
 from torch import nn
 
 class Hangs(nn.Module):
@@ -338,8 +338,7 @@ class Hangs(nn.Module):
         if not self.training:
             self.evaluations += 1  # once per epoch: the validation pass
         elif self.evaluations >= 1 and _took_token():
-            while True:
-                time.sleep(0.05)
+            threading.Event().wait()  # for ever
         return self.net(x)
 
 def _took_token():
