@@ -169,10 +169,9 @@ class ModelSection:
             )
 
 
-def _check_name(key: str, value: str, table: Mapping[str, object], *, also: str = "") -> None:
+def _check_name(key: str, value: str, table: Mapping[str, object]) -> None:
     if value not in table:
-        hint = f" ({also})" if also else ""
-        raise ValueError(f"{key} must be one of {', '.join(repr(n) for n in table)}, got {value!r}{hint}")
+        raise ValueError(f"{key} must be one of {', '.join(repr(n) for n in table)}, got {value!r}")
 
 
 @dataclass(frozen=True)
