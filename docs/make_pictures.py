@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Pixels of the browser window the screenshot is taken in: wide enough for the report's table and
 # its first figures, tall enough to show the summary, the optimization history and the learning curves.
-WINDOW = (1280, 1960)
+WINDOW = (1280, 1650)
 # Milliseconds of page time Chromium gives plotly.js to draw before the screenshot.
 RENDER_BUDGET_MS = 15_000
 # Seconds any one command may take: the quick study on a 2-core CPU takes about a minute.
