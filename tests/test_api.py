@@ -104,7 +104,7 @@ def test_retrain_refuses_top_without_seeds(told_study: FinishedStudy) -> None:
 
 
 @pytest.mark.slow
-def test_the_readme_example_runs(tmp_path: Path, archive: Path) -> None:
+def test_the_python_api_page_example_runs(tmp_path: Path, archive: Path) -> None:
     """docs/python-api.md's first example, run as written in a fresh folder, offline: CIFAR-10 from $HPO_DATA_ARCHIVE."""
     page = (Path(__file__).parents[1] / "docs" / "python-api.md").read_text(encoding="utf-8")
     example = page[page.index("```python\n") + len("```python\n"):page.index("```\n", page.index("```python"))]
