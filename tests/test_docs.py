@@ -1,8 +1,9 @@
 """The README and docs/ say what is true: every command in them is checked or marked as not run, every link lands.
 
-A command in a ``bash`` block (or a ``$ `` line of a ``text`` block) is *checked* when it is one of hpo's
-commands, a ``bench/`` script or ``docs/make_pictures.py``: its argv goes through the command's own argument
-parser, the study it names is loaded, and ``hpo.submit`` runs its checks up to the queueing. Nothing trains,
+A command in a ``bash`` block, on a ``$ `` line of a ``text`` block, or in running text with a flag
+(``python -m hpo.run --study cifar`` in backticks) is *checked* when it is one of hpo's commands, a
+``bench/`` script or ``docs/make_pictures.py``: its argv goes through the command's own argument parser,
+the study it names is loaded, and ``hpo.submit`` runs its checks up to the queueing. Nothing trains,
 connects or queues. Any other command (pip, docker, kubectl, sbatch, pytest…) must be marked: its block
 follows ``<!-- not run by the tests: why -->``, or its line ends in ``# not run by the tests``.
 """
@@ -51,8 +52,11 @@ class Command:
 
 
 def _prose(page: Path) -> str:
-    """The page without its code blocks, where headings and links are read."""
-    blank = lambda block: "\n" * block.group(0).count("\n")  # noqa: E731 (keeps the line numbers)
+    """The page with its code blocks blanked out (line numbers kept), where headings and links are read."""
+
+    def blank(block: re.Match[str]) -> str:
+        return "\n" * block.group(0).count("\n")
+
     return re.sub(r"^```.*?^```", blank, page.read_text(encoding="utf-8"), flags=re.S | re.M)
 
 
@@ -210,6 +214,8 @@ CHECKED: dict[str, Callable[[list[str], pytest.MonkeyPatch], None]] = {
 
 def _program(argv: list[str]) -> tuple[str | None, list[str]]:
     """(the CHECKED key of a command, its arguments), or (None, argv) for any other command."""
+    if len(argv) >= 2 and argv[0] == "hpo" and f"hpo.{argv[1]}" in CHECKED:  # a console entry point: hpo run …
+        return f"hpo.{argv[1]}", argv[2:]
     if len(argv) >= 3 and argv[0] in PYTHONS and argv[1] == "-m":
         return (argv[2], argv[3:]) if argv[2] in CHECKED else (None, argv)
     if len(argv) >= 2 and argv[0] in PYTHONS and argv[1] in CHECKED:
@@ -299,3 +305,12 @@ def test_every_relative_link_lands(page: Path) -> None:
 def test_the_readme_fits_on_a_few_screens() -> None:
     lines = (ROOT / "README.md").read_text(encoding="utf-8").count("\n")
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail to docs/ (at most {README_MAX_LINES})"
+
+
+def test_commands_are_recognized_however_they_are_spelled() -> None:
+    """python -m, a venv's python, a script path and a console entry point all reach their checker."""
+    assert _program(["python", "-m", "hpo.run", "--study", "quick"]) == ("hpo.run", ["--study", "quick"])
+    assert _program([".venv/bin/python", "-m", "hpo.best", "-q"]) == ("hpo.best", ["-q"])
+    assert _program(["hpo", "report", "--study", "quick"]) == ("hpo.report", ["--study", "quick"])
+    assert _program(["python", "bench/search.py", "--data", "x"]) == ("bench/search.py", ["--data", "x"])
+    assert _program(["python", "-m", "pytest"])[0] is None and _program(["pip", "install", "."])[0] is None
