@@ -120,11 +120,12 @@ def _inline_commands(page: Path) -> list[Command]:
     """Commands of hpo, bench/ or docs/ written in running text (`python -m hpo.run --study …`) with a flag:
     a bare name such as `python -m hpo.run` is a mention, not a command."""
     found: list[Command] = []
-    for number, line in enumerate(_prose(page).splitlines(), start=1):
-        for span in re.findall(r"`(python (?:-m hpo\.|bench/|docs/)[^`]*)`", line):
-            argv = shlex.split(span)
-            if any(word.startswith("-") for word in argv[2:]):
-                found.append(Command(f"{page.relative_to(ROOT)}:{number}", argv, marked=False))
+    text = _prose(page)
+    for span in re.finditer(r"`(python\s(?:-m\shpo\.|bench/|docs/)[^`]*)`", text):  # may wrap across lines
+        argv = shlex.split(span.group(1))
+        if any(word.startswith("-") for word in argv[2:]):
+            number = text.count("\n", 0, span.start()) + 1
+            found.append(Command(f"{page.relative_to(ROOT)}:{number}", argv, marked=False))
     return found
 
 
