@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help=f"folder for the report (default: {DEFAULT_OUT}/<study name>/)")
     parser.add_argument(
         "--max-epochs", type=positive_int,
-        help="epochs per trial the study ran with, if hpo.run was given --max-epochs (for the pruning saving)",
+        help="epochs per trial (for the pruning saving); default: those the study was started with, stored in it "
+        "(a study that stored none: the study file's)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the paths written")
     return parser
@@ -51,7 +52,7 @@ def _report(spec: StudySpec, args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / spec.study.name
     writable_folder(out, "--out" if args.out else "default report folder")  # named by its flag, before writing
     files = write_report(
-        study, out=out, study_file=spec.path, max_epochs=spec.train.max_epochs, storage_shown=redact(url)
+        study, out=out, study_file=spec.path, max_epochs=args.max_epochs, storage_shown=redact(url)
     )
     if not args.quiet:
         for line in summary_lines(files.study_summary):

@@ -47,6 +47,8 @@ class SearchSettings:
     storage_patience: float = DEFAULT_PATIENCE_S  # seconds
     stall_timeout: float = DEFAULT_STALL_S  # seconds without an epoch after which a trial stops beating
     worker_index: int | None = None  # set by the launcher for the processes it starts
+    # Resume a study whose --max-epochs, --seed or study file values it was started with differ (hpo.studyfile.stored).
+    accept_changed_overrides: bool = False
     verbose: bool = False  # log every epoch
     quiet: bool = False  # no progress bars; warnings and the summary only
 
@@ -88,11 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=cli.positive_seconds, help="stop starting new trials after this many seconds")
     parser.add_argument("--storage", help="SQLAlchemy URL of the study storage (default: $HPO_STORAGE or sqlite:///hpo.db)")
-    parser.add_argument("--device", type=cli.device, help="auto, cpu, cuda, cuda:N or mps (overrides [train] device)")
-    parser.add_argument("--data-dir", help="dataset folder or .tar.gz archive (overrides [data] data_dir)")
-    parser.add_argument("--seed", type=cli.non_negative_int, help="sampler and trial seed (overrides [study] seed)")
-    parser.add_argument("--study-name", help="name of the study in the storage (overrides [study] name)")
-    parser.add_argument("--max-epochs", type=cli.positive_int, help="epochs per trial at most (overrides [train] max_epochs)")
+    _add_override_flags(parser)
     parser.add_argument(
         "--gpus", help="start one worker process per GPU: 'all' or a list like 0,2,3 (no GPU: CPU workers)",
     )
@@ -126,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_override_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that replace study file values (hpo.studyfile.spec.Overrides), and the one that lets a resume change them."""
+    parser.add_argument("--device", type=cli.device, help="auto, cpu, cuda, cuda:N or mps (overrides [train] device)")
+    parser.add_argument("--data-dir", help="dataset folder or .tar.gz archive (overrides [data] data_dir)")
+    parser.add_argument("--seed", type=cli.non_negative_int, help="sampler and trial seed (overrides [study] seed)")
+    parser.add_argument("--study-name", help="name of the study in the storage (overrides [study] name)")
+    parser.add_argument("--max-epochs", type=cli.positive_int, help="epochs per trial at most (overrides [train] max_epochs)")
+    parser.add_argument(
+        "--accept-changed-overrides", action="store_true",
+        help="resume a study although --max-epochs, --seed or the study file's subsets, split, image size or "
+        "augmentation differ from those it was started with (later trials train with the new ones)",
+    )
+
+
 def parse_run_args(argv: Sequence[str] | None) -> RunRequest:
     """hpo.run's arguments (sys.argv when None) → RunRequest; a bad flag is a UsageError naming it."""
     args = build_parser().parse_args(argv)
@@ -139,7 +151,7 @@ def parse_run_args(argv: Sequence[str] | None) -> RunRequest:
             n_trials=args.n_trials, storage=args.storage, timeout=args.timeout, checkpoint_dir=args.checkpoint_dir,
             gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, heartbeat_interval=args.heartbeat_interval,
             grace_period=args.grace_period, storage_patience=args.storage_patience, stall_timeout=args.stall_timeout,
-            worker_index=args.worker_index,
+            worker_index=args.worker_index, accept_changed_overrides=args.accept_changed_overrides,
             verbose=args.verbose, quiet=args.quiet,
         ),
     )
@@ -170,6 +182,8 @@ def worker_argv(request: RunRequest, *, study_path: Path, checkpoint_dir: Path, 
     # (prefixed with the worker's name) and what a Slurm task's log holds.
     if settings.verbose:
         argv.append("--verbose")
+    if settings.accept_changed_overrides:
+        argv.append("--accept-changed-overrides")
     return argv + task_flags(index=index, device=device)
 
 

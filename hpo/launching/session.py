@@ -207,7 +207,10 @@ def run_search(
         checked.storage_url, checked.storage_source, heartbeat_interval=settings.heartbeat_interval,
         grace_period=checked.grace_period,
     )
-    study = open_study(checked.spec, storage, worker_index=settings.worker_index or 0)
+    study = open_study(
+        checked.spec, storage, worker_index=settings.worker_index or 0, overrides=request.overrides,
+        accept_changed=settings.accept_changed_overrides,
+    )
     if data is not None:
         from hpo.training.arrays import ARRAY_DATA_ATTR, array_summary
 
@@ -316,7 +319,7 @@ def search(
     heartbeat_interval: int = 10,
     grace_period: int | None = None,
     storage_patience: float = DEFAULT_PATIENCE_S,
-    stall_timeout: float = DEFAULT_STALL_S,
+    stall_timeout: float = DEFAULT_STALL_S, accept_changed_overrides: bool = False,
     on_epoch: EpochListener | None = None,
     model: Callable[..., torch.nn.Module] | None = None,
     data: ArrayData | None = None,
@@ -341,7 +344,7 @@ def search(
         settings=SearchSettings(
             n_trials=n_trials, storage=storage, timeout=timeout, checkpoint_dir=checkpoint_dir, gpus=gpus,
             workers_per_gpu=workers_per_gpu, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            storage_patience=storage_patience, stall_timeout=stall_timeout,
+            storage_patience=storage_patience, stall_timeout=stall_timeout, accept_changed_overrides=accept_changed_overrides,
         ),
     )
     spec = None if model is None else _with_model(study, model)
