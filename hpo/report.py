@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs per trial (for the pruning saving); default: those the study was started with, stored in it "
         "(a study that stored none: the study file's)",
     )
+    parser.add_argument(
+        "--artifacts", help="Optuna artifact store the report's files are uploaded to, as artifacts of the study: a folder, "
+        "s3://bucket/prefix or none (default: beside a SQLite file, e.g. hpo-artifacts/, else ./hpo-artifacts)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the paths written")
     return parser
 
@@ -44,12 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(spec: StudySpec, args: argparse.Namespace) -> int:
     from hpo.results.report import write_report
     from hpo.results.summary import summary_lines
+    from hpo.tuning.artifacts import open_artifacts
     from hpo.tuning.storage import redact, resolve_storage
     from hpo.tuning.study import load_existing_study
 
     url, source = resolve_storage(args.storage)
     study = load_existing_study(url, source, spec.study.name, flag="--study-name" if args.study_name else "--study")
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / spec.study.name
+    artifacts = open_artifacts(args.artifacts, url)
     writable_folder(out, "--out" if args.out else "default report folder")  # named by its flag, before writing
     files = write_report(
         study, out=out, study_file=spec.path, max_epochs=args.max_epochs, storage_shown=redact(url)
@@ -59,6 +65,8 @@ def _report(spec: StudySpec, args: argparse.Namespace) -> int:
             print(line)
     for path in (files.page, files.trials, files.summary):
         print(path)
+        if artifacts is not None:  # for optuna-dashboard, which lists a study's artifacts on its page
+            print(f"  artifact {artifacts.upload(study, path)} of study {study.study_name!r} in {artifacts.shown}")
     return 0
 
 

@@ -47,6 +47,8 @@ class SearchSettings:
     storage_patience: float = DEFAULT_PATIENCE_S  # seconds
     stall_timeout: float = DEFAULT_STALL_S  # seconds without an epoch after which a trial stops beating
     worker_index: int | None = None  # set by the launcher for the processes it starts
+    artifacts: str | None = None  # Optuna artifact store: a folder, s3://bucket/prefix or none (hpo.tuning.artifacts)
+    upload_checkpoints: bool = False  # upload every finished trial's final checkpoint to the artifact store
     # Resume a study whose --max-epochs, --seed or study file values it was started with differ (hpo.studyfile.stored).
     accept_changed_overrides: bool = False
     verbose: bool = False  # log every epoch
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers-per-gpu", type=cli.positive_int, default=1,
         help="worker processes per GPU (or on the CPU when there is none); default 1",
     )
+    _add_artifact_flags(parser)
     parser.add_argument("--checkpoint-dir", help="where running trials keep their last-epoch checkpoint (default: beside the SQLite file, else ./hpo-checkpoints)")
     parser.add_argument(
         "--heartbeat-interval", type=cli.positive_int, default=10,
@@ -138,6 +141,19 @@ def _add_override_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_artifact_flags(parser: argparse.ArgumentParser) -> None:
+    """Where finished trials' checkpoints go for optuna-dashboard (hpo.tuning.artifacts)."""
+    parser.add_argument(
+        "--upload-checkpoints", action="store_true",
+        help="upload every finished trial's final checkpoint to the artifact store, as an artifact of the trial "
+        "(off by default: one checkpoint per trial fills disks)",
+    )
+    parser.add_argument(
+        "--artifacts", help="Optuna artifact store for --upload-checkpoints: a folder or s3://bucket/prefix "
+        "(default: beside a SQLite file, e.g. hpo-artifacts/, else ./hpo-artifacts)",
+    )
+
+
 def parse_run_args(argv: Sequence[str] | None) -> RunRequest:
     """hpo.run's arguments (sys.argv when None) → RunRequest; a bad flag is a UsageError naming it."""
     args = build_parser().parse_args(argv)
@@ -152,6 +168,7 @@ def parse_run_args(argv: Sequence[str] | None) -> RunRequest:
             gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, heartbeat_interval=args.heartbeat_interval,
             grace_period=args.grace_period, storage_patience=args.storage_patience, stall_timeout=args.stall_timeout,
             worker_index=args.worker_index, accept_changed_overrides=args.accept_changed_overrides,
+            artifacts=args.artifacts, upload_checkpoints=args.upload_checkpoints,
             verbose=args.verbose, quiet=args.quiet,
         ),
     )
@@ -172,7 +189,7 @@ def worker_argv(request: RunRequest, *, study_path: Path, checkpoint_dir: Path, 
     for flag, value in (
         ("--study-name", overrides.study_name), ("--seed", overrides.seed), ("--data-dir", overrides.data_dir),
         ("--max-epochs", overrides.max_epochs), ("--timeout", settings.timeout),
-        ("--grace-period", settings.grace_period),
+        ("--grace-period", settings.grace_period), ("--artifacts", _absolute_folder(settings.artifacts)),
         ("--storage-patience", None if settings.storage_patience == DEFAULT_PATIENCE_S else settings.storage_patience),
         ("--stall-timeout", None if settings.stall_timeout == DEFAULT_STALL_S else settings.stall_timeout),
     ):
@@ -184,7 +201,16 @@ def worker_argv(request: RunRequest, *, study_path: Path, checkpoint_dir: Path, 
         argv.append("--verbose")
     if settings.accept_changed_overrides:
         argv.append("--accept-changed-overrides")
+    if settings.upload_checkpoints:
+        argv.append("--upload-checkpoints")
     return argv + task_flags(index=index, device=device)
+
+
+def _absolute_folder(location: str | None) -> str | None:
+    """An --artifacts folder named absolutely, as the study file is; a URL (s3://...) or none as given."""
+    if location is None or "://" in location or location == "none":
+        return location
+    return str(Path(location).resolve())
 
 
 def run_command(argv: Sequence[str], *, python: str = sys.executable) -> list[str]:

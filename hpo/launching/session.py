@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # imported lazily below: a bad setting should fail fast, befo
     from hpo.training.arrays import ArrayData
     from hpo.training.memory import Placement
     from hpo.training.splits import Dataset
+    from hpo.tuning.artifacts import Artifacts
     from hpo.tuning.heartbeat import ProgressClock
     from hpo.tuning.objective import EpochListener, Objective
     from hpo.tuning.outage import StorageGuard
@@ -76,6 +77,7 @@ class _Checked:
     device: torch.device | None  # this process's device, when it trains itself
     dataset: Dataset | None  # None when workers are launched: they read the decode cache
     checkpoint_dir: Path
+    artifacts: Artifacts | None = None  # where finished trials' checkpoints are uploaded (--upload-checkpoints)
 
 
 def parse_gpus(text: str, available: int) -> tuple[str, ...]:
@@ -166,6 +168,7 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     from hpo.folders import writable_folder
     from hpo.training.device import resolve_device
     from hpo.training.recipe import prepare_model
+    from hpo.tuning.artifacts import checkpoint_artifacts
     from hpo.tuning.storage import check_storage, default_checkpoint_dir, resolve_storage
 
     overrides, settings = request.overrides, request.settings
@@ -174,6 +177,7 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     grace_period = settings.effective_grace_period()
     storage_url, storage_source = resolve_storage(settings.storage)
     check_storage(storage_url, storage_source)
+    artifacts = checkpoint_artifacts(settings.artifacts, settings.upload_checkpoints, storage_url)
     gpus = _launch_plan(overrides, settings, storage_url)
     device = None
     if gpus is None:
@@ -185,6 +189,7 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     return _Checked(
         spec=spec, grace_period=grace_period, storage_url=storage_url, storage_source=storage_source, gpus=gpus,
         device=device, dataset=None if gpus is not None else dataset, checkpoint_dir=checkpoint_dir,
+        artifacts=artifacts,
     )
 
 
@@ -259,6 +264,8 @@ def _run_here(
     guard = StorageGuard(shown=storage_shown, patience=settings.storage_patience)
     clock = ProgressClock()
     objective = _objective(checked, settings, guard=guard, listeners=listeners, clock=clock)
+    if checked.artifacts is not None:
+        objective.on_final_checkpoint = checked.artifacts.keep_checkpoint
     logger.info(
         "running up to %d more trials on %s (budget %d, %d finished)",
         settings.n_trials - done, checked.device, settings.n_trials, done,
