@@ -78,6 +78,7 @@ class _Checked:
     dataset: Dataset | None  # None when workers are launched: they read the decode cache
     checkpoint_dir: Path
     artifacts: Artifacts | None = None  # where finished trials' checkpoints are uploaded (--upload-checkpoints)
+    trackers: Sequence[TrialCallback] = ()  # the experiment trackers [tracking] switches on
 
 
 def parse_gpus(text: str, available: int) -> tuple[str, ...]:
@@ -170,6 +171,7 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     from hpo.training.recipe import prepare_model
     from hpo.tuning.artifacts import checkpoint_artifacts
     from hpo.tuning.storage import check_storage, default_checkpoint_dir, resolve_storage
+    from hpo.tuning.trackers import tracker_callbacks
 
     overrides, settings = request.overrides, request.settings
     _check_in_python(request, file_spec, data)
@@ -178,6 +180,7 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     storage_url, storage_source = resolve_storage(settings.storage)
     check_storage(storage_url, storage_source)
     artifacts = checkpoint_artifacts(settings.artifacts, settings.upload_checkpoints, storage_url)
+    trackers = tracker_callbacks(spec)
     gpus = _launch_plan(overrides, settings, storage_url)
     device = None
     if gpus is None:
@@ -189,7 +192,7 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     return _Checked(
         spec=spec, grace_period=grace_period, storage_url=storage_url, storage_source=storage_source, gpus=gpus,
         device=device, dataset=None if gpus is not None else dataset, checkpoint_dir=checkpoint_dir,
-        artifacts=artifacts,
+        artifacts=artifacts, trackers=trackers,
     )
 
 
@@ -275,7 +278,8 @@ def _run_here(
     run_worker(
         study, objective, storage=storage, guard=guard, budget=settings.n_trials, timeout=settings.timeout,
         heartbeat_interval=settings.heartbeat_interval, grace_period=checked.grace_period,
-        callbacks=[objective.on_trial_end, *listeners.on_trial_end], clock=clock, stall_timeout=settings.stall_timeout,
+        callbacks=[objective.on_trial_end, *checked.trackers, *listeners.on_trial_end], clock=clock,
+        stall_timeout=settings.stall_timeout,
     )
 
 
