@@ -3,7 +3,9 @@
 Default: the study's best trial is retrained on the training and validation parts together, for as
 many epochs as the trial ran and with the trial's stored seed, then evaluated once on the held-out
 test set; weights, configuration and test figures are saved in one checkpoint that
-``torch.load(path, weights_only=True)`` reads.  ``--trial N`` does the same for any trial.
+``torch.load(path, weights_only=True)`` reads, and uploaded as an artifact of the study (``--artifacts``,
+hpo.tuning.artifacts) for optuna-dashboard.  The study's stored epochs, subsets and split
+(hpo.studyfile.stored) are used, not those of a study file edited since.  ``--trial N`` does the same for any trial.
 
 ``--top K --seeds S`` first re-evaluates the K best complete trials with S extra seeds each, on
 the search's training/validation split, stores the results in the study's user attributes, and

@@ -1,5 +1,8 @@
 """``python -m hpo.report``: one self-contained HTML report of a study, plus ``trials.csv`` and ``summary.json``.
 
+The three files are also uploaded as artifacts of the study (``--artifacts``, hpo.tuning.artifacts), where
+optuna-dashboard shows them.
+
 The report itself is :func:`hpo.results.report.write_report`'s; this module parses flags and prints.
 """
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+from optuna.trial import TrialState
 
 from conftest import FinishedStudy, random_image_folder
 from hpo.launching.run_args import parse_run_args, worker_argv
@@ -175,14 +176,21 @@ def test_uploaded_checkpoints_are_artifacts_of_their_trials_and_the_best_model_o
         '[train]\nmax_epochs = 2\ndevice = "cpu"\n[pruner]\ntype = "none"\n[space]\ndepth = 1\nbase_width = 4\nbatch_size = 8\n'
     )
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    assert run(["--study", str(study_file), "--n-trials", "2", "--storage", url, "--quiet", "--upload-checkpoints"]) == 0
+    argv = ["--study", str(study_file), "--storage", url, "--quiet", "--upload-checkpoints"]
+    assert run([*argv, "--n-trials", "2"]) == 0
+    # A third trial pruned after its first epoch (every val_loss is above 0): its checkpoint is uploaded too.
+    study_file.write_text(study_file.read_text().replace('type = "none"', 'type = "threshold"\nupper = 0.0'))
+    assert run([*argv, "--n-trials", "3"]) == 0
     store = tmp_path / "hpo-artifacts"
     storage = open_storage(url, "--storage")
     study = optuna.load_study(study_name="art", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
     for trial in study.trials:
         (meta,) = get_all_artifact_meta(trial, storage=storage)
         _downloaded(store, meta.artifact_id, tmp_path)
-        assert len(load_checkpoint(tmp_path / meta.artifact_id).epochs) == 2, "the trial's final checkpoint"
+        epochs = load_checkpoint(tmp_path / meta.artifact_id).epochs
+        assert len(epochs) == len(trial.intermediate_values), "the trial's final checkpoint"
+    assert not list((tmp_path / "hpo-checkpoints").rglob("*.pt")), "the local checkpoints are deleted as before"
     assert best(["--study", str(study_file), "--storage", url, "--quiet", "--out", str(tmp_path / "best")]) == 0
     study = optuna.load_study(study_name="art", storage=storage)
     (meta,) = get_all_artifact_meta(study)  # of the study: Optuna attaches none to a finished trial
