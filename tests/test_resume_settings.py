@@ -36,6 +36,14 @@ def _study_file(folder: Path, pictures: Path, *, extra_data: str = "", max_epoch
     return path
 
 
+def _started(tmp_path: Path, pictures: Path) -> tuple[str, Path]:
+    """A study created from its study file, no trial yet: (storage URL, study file)."""
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study_file = _study_file(tmp_path, pictures)
+    open_study(load_spec(study_file), open_storage(url, "--storage"))
+    return url, study_file
+
+
 def _one_line_error(capsys: pytest.CaptureFixture[str], prog: str = "hpo.run") -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"{prog}: error: ") and "Traceback" not in err, err
@@ -53,9 +61,7 @@ def test_a_new_study_stores_the_values_it_was_started_with(tmp_path: Path, pictu
 def test_a_resume_with_another_max_epochs_is_one_line_naming_it_and_nothing_is_written(
     tmp_path: Path, pictures: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    study_file = _study_file(tmp_path, pictures)
-    open_study(load_spec(study_file), open_storage(url, "--storage"))
+    url, study_file = _started(tmp_path, pictures)
     assert main(["--study", str(study_file), "--n-trials", "2", "--storage", url, "--max-epochs", "3"]) == 2
     err = _one_line_error(capsys)
     assert "study 'kept' was started with max_epochs 1, not 3 (--max-epochs)" in err, err
@@ -67,9 +73,7 @@ def test_a_resume_with_another_max_epochs_is_one_line_naming_it_and_nothing_is_w
 def test_an_edited_study_file_and_a_flag_are_named_together(
     tmp_path: Path, pictures: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    study_file = _study_file(tmp_path, pictures)
-    open_study(load_spec(study_file), open_storage(url, "--storage"))
+    url, study_file = _started(tmp_path, pictures)
     _study_file(tmp_path, pictures, extra_data="train_subset = 10\n")
     assert main(["--study", str(study_file), "--n-trials", "2", "--storage", url, "--seed", "5"]) == 2
     err = _one_line_error(capsys)
