@@ -1,8 +1,9 @@
 """``python -m hpo.dashboard``: optuna-dashboard on the study storage.
 
 optuna-dashboard is an optional extra (``pip install -e ".[dashboard]"``).  Without it the command
-says how to install it.  It serves the artifact store too (``--artifacts``, hpo.tuning.artifacts): the
-models hpo.best saved, the reports' files and any uploaded checkpoints, on the study's and trials' pages.  The notes it shows on pruned trials are written by :mod:`hpo.tuning.notes`.
+says how to install it.  The notes it shows on pruned trials are written by :mod:`hpo.tuning.notes`.
+It serves the artifact store too (``--artifacts``, hpo.tuning.artifacts): the models hpo.best saved,
+the reports' files and any uploaded checkpoints, on the study's and trials' pages.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ def _report(spec: StudySpec, args: argparse.Namespace) -> int:
     for path in (files.page, files.trials, files.summary):
         print(path)
         if artifacts is not None:  # for optuna-dashboard, which lists a study's artifacts on its page
-            print(f"  artifact {artifacts.upload(study, path)} of study {study.study_name!r} in {artifacts.shown}")
+            artifact_id = artifacts.upload(study, path)
+            if not args.quiet:
+                print(f"  artifact {artifact_id} of study {study.study_name!r} in {artifacts.shown}")
     return 0
 
 

@@ -43,7 +43,7 @@ def test_the_reports_files_are_artifacts_of_the_study_beside_the_database(
 ) -> None:
     url = _copy(told_study, tmp_path)
     out = tmp_path / "report"
-    assert report(["--study", str(told_study.study_file), "--storage", url, "--out", str(out), "-q"]) == 0
+    assert report(["--study", str(told_study.study_file), "--storage", url, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     study = optuna.load_study(study_name=told_study.name, storage=url)
     metas = {meta.filename: meta for meta in get_all_artifact_meta(study)}
