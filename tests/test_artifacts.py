@@ -10,7 +10,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -80,18 +82,55 @@ def test_a_bad_artifact_store_is_one_line(
     assert not (tmp_path / "out").exists(), "nothing written"
 
 
-def test_s3_without_boto3_says_how_to_install_it(told_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    try:
-        import boto3  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("boto3 is installed here: the message for a missing boto3 cannot show")
+def test_s3_without_boto3_says_how_to_install_it(
+    told_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as if not installed
     url = _copy(told_study, tmp_path)
     argv = ["--study", str(told_study.study_file), "--storage", url, "--out", str(tmp_path / "out")]
     assert report([*argv, "--artifacts", "s3://results/hpo/"]) == 2
     err = capsys.readouterr().err
     assert "--artifacts: s3://results/hpo/ needs boto3, which is not installed: pip install \"hpo[s3]\"" in err, err
+
+
+@pytest.fixture
+def mock_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """moto's in-process S3 (no S3 server is reachable here), with a bucket "results"; an S3 client on it."""
+    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed (the s3 extra)")
+    moto = pytest.importorskip("moto", reason="moto is not installed (the test extra)")
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with moto.mock_aws():
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="results")
+        yield client
+
+
+def test_the_reports_files_go_to_an_s3_bucket_under_its_prefix(
+    told_study: FinishedStudy, tmp_path: Path, mock_s3: Any
+) -> None:
+    url = _copy(told_study, tmp_path)
+    out = tmp_path / "report"
+    argv = ["--study", str(told_study.study_file), "--storage", url, "--out", str(out), "-q"]
+    assert report([*argv, "--artifacts", "s3://results/team/hpo/"]) == 0
+    metas = get_all_artifact_meta(optuna.load_study(study_name=told_study.name, storage=url))
+    assert sorted(meta.filename for meta in metas) == ["report.html", "summary.json", "trials.csv"]
+    for meta in metas:
+        body = mock_s3.get_object(Bucket="results", Key=f"team/hpo/{meta.artifact_id}")["Body"].read()
+        assert body == (out / meta.filename).read_bytes()
+    assert not (tmp_path / "hpo-artifacts").exists(), "nothing in the default folder"
+
+
+def test_a_bucket_that_does_not_exist_is_one_line(
+    told_study: FinishedStudy, tmp_path: Path, mock_s3: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _copy(told_study, tmp_path)
+    argv = ["--study", str(told_study.study_file), "--storage", url, "--out", str(tmp_path / "out")]
+    assert report([*argv, "--artifacts", "s3://no-such-bucket/hpo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--artifacts: cannot reach bucket 'no-such-bucket' of s3://no-such-bucket/hpo: " in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_s3_urls_and_prefixed_keys(tmp_path: Path) -> None:

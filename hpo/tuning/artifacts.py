@@ -127,7 +127,14 @@ def _s3_store(location: str, flag: str) -> ArtifactStore:
         raise UsageError(f"{flag}: {location} needs boto3, which is not installed: {S3_HINT}") from None
     from optuna.artifacts import Boto3ArtifactStore
 
-    store = Boto3ArtifactStore(bucket, client=boto3.client("s3"))
+    from hpo.errors import first_line
+
+    client = boto3.client("s3")
+    try:
+        client.head_bucket(Bucket=bucket)  # here, so that a wrong bucket or missing credentials stop before any work
+    except Exception as exc:  # noqa: BLE001 (botocore's ClientError, NoCredentialsError, EndpointConnectionError...)
+        raise UsageError(f"{flag}: cannot reach bucket {bucket!r} of {location}: {first_line(exc)}") from None
+    store = Boto3ArtifactStore(bucket, client=client)
     return _Prefixed(store, prefix) if prefix else store
 
 
