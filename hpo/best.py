@@ -3,7 +3,9 @@
 Default: the study's best trial is retrained on the training and validation parts together, for as
 many epochs as the trial ran and with the trial's stored seed, then evaluated once on the held-out
 test set; weights, configuration and test figures are saved in one checkpoint that
-``torch.load(path, weights_only=True)`` reads.  ``--trial N`` does the same for any trial.
+``torch.load(path, weights_only=True)`` reads, and uploaded as an artifact of the study (``--artifacts``,
+hpo.tuning.artifacts) for optuna-dashboard.  The study's stored epochs, subsets and split
+(hpo.studyfile.stored) are used, not those of a study file edited since.  ``--trial N`` does the same for any trial.
 
 ``--top K --seeds S`` first re-evaluates the K best complete trials with S extra seeds each, on
 the search's training/validation split, stores the results in the study's user attributes, and
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", type=device_flag, help="auto, cpu, cuda, cuda:N or mps (overrides [train] device)")
     parser.add_argument("--data-dir", help="dataset folder or .tar.gz archive (overrides [data] data_dir)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the checkpoint (default: {DEFAULT_OUT}/)")
+    parser.add_argument(
+        "--artifacts", help="Optuna artifact store the checkpoint is uploaded to, as an artifact of the study: a folder, "
+        "s3://bucket/prefix or none (default: beside a SQLite file, e.g. hpo-artifacts/, else ./hpo-artifacts)",
+    )
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
     noise.add_argument("-q", "--quiet", action="store_true", help="warnings and the result only")
@@ -81,7 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         study = load_existing_study(url, source, spec.study.name, flag="--study-name" if args.study_name else "--study")
         if args.replay:
             return _replay(study, spec.path, args)
-        return _retrain(study, spec.path, args)
+        from hpo.tuning.artifacts import open_artifacts
+
+        artifacts = open_artifacts(args.artifacts, url)  # checked before training, like --out
+        path = _retrain(study, spec.path, args)
+        if artifacts is not None:  # for optuna-dashboard; of the study, since Optuna attaches none to a finished trial
+            print(f"Artifact {artifacts.upload(study, path)} of study {study.study_name!r} in {artifacts.shown}")
+        return 0
 
     return guarded(PROG, body)
 
@@ -115,7 +127,8 @@ def _print_replay(study: optuna.Study, result: Replay) -> None:
         print(f"Largest difference: {max(differences):.2e} over {len(differences)} epochs")
 
 
-def _retrain(study: optuna.Study, study_file: Path, args: argparse.Namespace) -> int:
+def _retrain(study: optuna.Study, study_file: Path, args: argparse.Namespace) -> Path:
+    """Retrain, save and print; the checkpoint's path."""
     from hpo.results.retrain import model_path, retrain, save_model
 
     def show(results: list[Reevaluation], chosen: optuna.trial.FrozenTrial) -> None:
@@ -136,7 +149,7 @@ def _retrain(study: optuna.Study, study_file: Path, args: argparse.Namespace) ->
     if isinstance(accuracy, float):
         print(f"(The trial itself, trained on the training part only: {accuracy:.2%} validation accuracy.)")
     print(f"Checkpoint: {path}")
-    return 0
+    return path
 
 
 def _print_reevaluations(

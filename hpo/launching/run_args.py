@@ -47,6 +47,10 @@ class SearchSettings:
     storage_patience: float = DEFAULT_PATIENCE_S  # seconds
     stall_timeout: float = DEFAULT_STALL_S  # seconds without an epoch after which a trial stops beating
     worker_index: int | None = None  # set by the launcher for the processes it starts
+    artifacts: str | None = None  # Optuna artifact store: a folder, s3://bucket/prefix or none (hpo.tuning.artifacts)
+    upload_checkpoints: bool = False  # upload every finished trial's final checkpoint to the artifact store
+    # Resume a study whose --max-epochs, --seed or study file values it was started with differ (hpo.studyfile.stored).
+    accept_changed_overrides: bool = False
     verbose: bool = False  # log every epoch
     quiet: bool = False  # no progress bars; warnings and the summary only
 
@@ -88,11 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=cli.positive_seconds, help="stop starting new trials after this many seconds")
     parser.add_argument("--storage", help="SQLAlchemy URL of the study storage (default: $HPO_STORAGE or sqlite:///hpo.db)")
-    parser.add_argument("--device", type=cli.device, help="auto, cpu, cuda, cuda:N or mps (overrides [train] device)")
-    parser.add_argument("--data-dir", help="dataset folder or .tar.gz archive (overrides [data] data_dir)")
-    parser.add_argument("--seed", type=cli.non_negative_int, help="sampler and trial seed (overrides [study] seed)")
-    parser.add_argument("--study-name", help="name of the study in the storage (overrides [study] name)")
-    parser.add_argument("--max-epochs", type=cli.positive_int, help="epochs per trial at most (overrides [train] max_epochs)")
+    _add_override_flags(parser)
     parser.add_argument(
         "--gpus", help="start one worker process per GPU: 'all' or a list like 0,2,3 (no GPU: CPU workers)",
     )
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers-per-gpu", type=cli.positive_int, default=1,
         help="worker processes per GPU (or on the CPU when there is none); default 1",
     )
+    _add_artifact_flags(parser)
     parser.add_argument("--checkpoint-dir", help="where running trials keep their last-epoch checkpoint (default: beside the SQLite file, else ./hpo-checkpoints)")
     parser.add_argument(
         "--heartbeat-interval", type=cli.positive_int, default=10,
@@ -126,6 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_override_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that replace study file values (hpo.studyfile.spec.Overrides), and the one that lets a resume change them."""
+    parser.add_argument("--device", type=cli.device, help="auto, cpu, cuda, cuda:N or mps (overrides [train] device)")
+    parser.add_argument("--data-dir", help="dataset folder or .tar.gz archive (overrides [data] data_dir)")
+    parser.add_argument("--seed", type=cli.non_negative_int, help="sampler and trial seed (overrides [study] seed)")
+    parser.add_argument("--study-name", help="name of the study in the storage (overrides [study] name)")
+    parser.add_argument("--max-epochs", type=cli.positive_int, help="epochs per trial at most (overrides [train] max_epochs)")
+    parser.add_argument(
+        "--accept-changed-overrides", action="store_true",
+        help="resume a study although --max-epochs, --seed or the study file's subsets, split, image size or "
+        "augmentation differ from those it was started with (later trials train with the new ones)",
+    )
+
+
+def _add_artifact_flags(parser: argparse.ArgumentParser) -> None:
+    """Where finished trials' checkpoints go for optuna-dashboard (hpo.tuning.artifacts)."""
+    parser.add_argument(
+        "--upload-checkpoints", action="store_true",
+        help="upload every finished trial's final checkpoint to the artifact store, as an artifact of the trial "
+        "(off by default: one checkpoint per trial fills disks)",
+    )
+    parser.add_argument(
+        "--artifacts", help="Optuna artifact store for --upload-checkpoints: a folder or s3://bucket/prefix "
+        "(default: beside a SQLite file, e.g. hpo-artifacts/, else ./hpo-artifacts)",
+    )
+
+
 def parse_run_args(argv: Sequence[str] | None) -> RunRequest:
     """hpo.run's arguments (sys.argv when None) → RunRequest; a bad flag is a UsageError naming it."""
     args = build_parser().parse_args(argv)
@@ -139,7 +167,8 @@ def parse_run_args(argv: Sequence[str] | None) -> RunRequest:
             n_trials=args.n_trials, storage=args.storage, timeout=args.timeout, checkpoint_dir=args.checkpoint_dir,
             gpus=args.gpus, workers_per_gpu=args.workers_per_gpu, heartbeat_interval=args.heartbeat_interval,
             grace_period=args.grace_period, storage_patience=args.storage_patience, stall_timeout=args.stall_timeout,
-            worker_index=args.worker_index,
+            worker_index=args.worker_index, accept_changed_overrides=args.accept_changed_overrides,
+            artifacts=args.artifacts, upload_checkpoints=args.upload_checkpoints,
             verbose=args.verbose, quiet=args.quiet,
         ),
     )
@@ -160,7 +189,7 @@ def worker_argv(request: RunRequest, *, study_path: Path, checkpoint_dir: Path, 
     for flag, value in (
         ("--study-name", overrides.study_name), ("--seed", overrides.seed), ("--data-dir", overrides.data_dir),
         ("--max-epochs", overrides.max_epochs), ("--timeout", settings.timeout),
-        ("--grace-period", settings.grace_period),
+        ("--grace-period", settings.grace_period), ("--artifacts", _absolute_folder(settings.artifacts)),
         ("--storage-patience", None if settings.storage_patience == DEFAULT_PATIENCE_S else settings.storage_patience),
         ("--stall-timeout", None if settings.stall_timeout == DEFAULT_STALL_S else settings.stall_timeout),
     ):
@@ -170,7 +199,18 @@ def worker_argv(request: RunRequest, *, study_path: Path, checkpoint_dir: Path, 
     # (prefixed with the worker's name) and what a Slurm task's log holds.
     if settings.verbose:
         argv.append("--verbose")
+    if settings.accept_changed_overrides:
+        argv.append("--accept-changed-overrides")
+    if settings.upload_checkpoints:
+        argv.append("--upload-checkpoints")
     return argv + task_flags(index=index, device=device)
+
+
+def _absolute_folder(location: str | None) -> str | None:
+    """An --artifacts folder named absolutely, as the study file is; a URL (s3://...) or none as given."""
+    if location is None or "://" in location or location == "none":
+        return location
+    return str(Path(location).resolve())
 
 
 def run_command(argv: Sequence[str], *, python: str = sys.executable) -> list[str]:

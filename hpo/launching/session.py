@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # imported lazily below: a bad setting should fail fast, befo
     from hpo.training.arrays import ArrayData
     from hpo.training.memory import Placement
     from hpo.training.splits import Dataset
+    from hpo.tuning.artifacts import Artifacts
     from hpo.tuning.heartbeat import ProgressClock
     from hpo.tuning.objective import EpochListener, Objective
     from hpo.tuning.outage import StorageGuard
@@ -76,6 +77,8 @@ class _Checked:
     device: torch.device | None  # this process's device, when it trains itself
     dataset: Dataset | None  # None when workers are launched: they read the decode cache
     checkpoint_dir: Path
+    artifacts: Artifacts | None = None  # where finished trials' checkpoints are uploaded (--upload-checkpoints)
+    trackers: Sequence[TrialCallback] = ()  # the experiment trackers [tracking] switches on
 
 
 def parse_gpus(text: str, available: int) -> tuple[str, ...]:
@@ -166,7 +169,9 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     from hpo.folders import writable_folder
     from hpo.training.device import resolve_device
     from hpo.training.recipe import prepare_model
+    from hpo.tuning.artifacts import checkpoint_artifacts
     from hpo.tuning.storage import check_storage, default_checkpoint_dir, resolve_storage
+    from hpo.tuning.trackers import tracker_callbacks
 
     overrides, settings = request.overrides, request.settings
     _check_in_python(request, file_spec, data)
@@ -175,6 +180,8 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     storage_url, storage_source = resolve_storage(settings.storage)
     # A server still starting (a pod beside its database) is waited for, as an outage is.
     check_storage(storage_url, storage_source, patience=settings.storage_patience)
+    artifacts = checkpoint_artifacts(settings.artifacts, settings.upload_checkpoints, storage_url)
+    trackers = tracker_callbacks(spec)
     gpus = _launch_plan(overrides, settings, storage_url)
     device = None
     if gpus is None:
@@ -186,6 +193,7 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     return _Checked(
         spec=spec, grace_period=grace_period, storage_url=storage_url, storage_source=storage_source, gpus=gpus,
         device=device, dataset=None if gpus is not None else dataset, checkpoint_dir=checkpoint_dir,
+        artifacts=artifacts, trackers=trackers,
     )
 
 
@@ -208,7 +216,10 @@ def run_search(
         checked.storage_url, checked.storage_source, heartbeat_interval=settings.heartbeat_interval,
         grace_period=checked.grace_period,
     )
-    study = open_study(checked.spec, storage, worker_index=settings.worker_index or 0)
+    study = open_study(
+        checked.spec, storage, worker_index=settings.worker_index or 0, overrides=request.overrides,
+        accept_changed=settings.accept_changed_overrides,
+    )
     if data is not None:
         from hpo.training.arrays import ARRAY_DATA_ATTR, array_summary
 
@@ -257,6 +268,8 @@ def _run_here(
     guard = StorageGuard(shown=storage_shown, patience=settings.storage_patience)
     clock = ProgressClock()
     objective = _objective(checked, settings, guard=guard, listeners=listeners, clock=clock)
+    if checked.artifacts is not None:
+        objective.on_final_checkpoint = checked.artifacts.keep_checkpoint
     logger.info(
         "running up to %d more trials on %s (budget %d, %d finished)",
         settings.n_trials - done, checked.device, settings.n_trials, done,
@@ -266,7 +279,8 @@ def _run_here(
     run_worker(
         study, objective, storage=storage, guard=guard, budget=settings.n_trials, timeout=settings.timeout,
         heartbeat_interval=settings.heartbeat_interval, grace_period=checked.grace_period,
-        callbacks=[objective.on_trial_end, *listeners.on_trial_end], clock=clock, stall_timeout=settings.stall_timeout,
+        callbacks=[objective.on_trial_end, *checked.trackers, *listeners.on_trial_end], clock=clock,
+        stall_timeout=settings.stall_timeout,
     )
 
 
@@ -318,7 +332,7 @@ def search(
     heartbeat_interval: int = 10,
     grace_period: int | None = None,
     storage_patience: float = DEFAULT_PATIENCE_S,
-    stall_timeout: float = DEFAULT_STALL_S,
+    stall_timeout: float = DEFAULT_STALL_S, accept_changed_overrides: bool = False,
     on_epoch: EpochListener | None = None,
     model: Callable[..., torch.nn.Module] | None = None,
     data: ArrayData | None = None,
@@ -343,7 +357,7 @@ def search(
         settings=SearchSettings(
             n_trials=n_trials, storage=storage, timeout=timeout, checkpoint_dir=checkpoint_dir, gpus=gpus,
             workers_per_gpu=workers_per_gpu, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            storage_patience=storage_patience, stall_timeout=stall_timeout,
+            storage_patience=storage_patience, stall_timeout=stall_timeout, accept_changed_overrides=accept_changed_overrides,
         ),
     )
     spec = None if model is None else _with_model(study, model)

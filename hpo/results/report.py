@@ -195,14 +195,19 @@ def write_report(
 ) -> ReportFiles:
     """Write ``report.html``, ``trials.csv`` and ``summary.json`` of ``study`` into the folder ``out``.
 
-    ``max_epochs`` (for the epochs pruning saved) defaults to the study file's: ``study_file``, else
-    the file named like the study.  ``storage_shown`` is what the report says the study is stored
+    ``max_epochs`` (for the epochs pruning saved) defaults to the one the study was started with
+    (hpo.studyfile.stored), else (a study from before hpo stored it) the study file's: ``study_file``,
+    else the file named like the study.  ``storage_shown`` is what the report says the study is stored
     in (give a URL without its password).
     """
     from hpo.folders import writable_folder
     from hpo.studyfile.spec import spec_for_study
+    from hpo.studyfile.stored import STARTED_WITH_ATTR
 
     metric = study.metric_names[0] if study.metric_names else None
+    stored = study.user_attrs.get(STARTED_WITH_ATTR)
+    if max_epochs is None and isinstance(stored, dict) and isinstance(stored.get("max_epochs"), int):
+        max_epochs = stored["max_epochs"]
     if max_epochs is None or metric is None:
         spec = spec_for_study(study.study_name, study_file)
         max_epochs = spec.train.max_epochs if max_epochs is None else max_epochs

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from hpo.errors import DataError, UsageError
 from hpo.studyfile.spec import Overrides, StudySpec, direction_sign, spec_for_study, with_model
+from hpo.studyfile.stored import STARTED_WITH_ATTR, with_stored
 
 if TYPE_CHECKING:
     import optuna
@@ -182,7 +183,9 @@ def _prepare(
 
     if data is not None and data_dir is not None:
         raise UsageError("argument data_dir: not allowed with data (the arrays replace the study file's dataset)")
-    spec = Overrides(device=device, data_dir=data_dir).apply(spec_for_study(study.study_name, study_file))
+    # The values the study was started with (epochs, subsets, split, seed...), not those of a study file edited since.
+    spec = with_stored(spec_for_study(study.study_name, study_file), study.user_attrs.get(STARTED_WITH_ATTR))
+    spec = Overrides(device=device, data_dir=data_dir).apply(spec)
     if model is not None:
         from hpo.training.user_models import reference
 

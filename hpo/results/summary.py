@@ -38,7 +38,7 @@ class Summary:
     trials: int
     states: Mapping[str, int]  # every Optuna trial state → count
     best: BestTrial | None
-    max_epochs: int  # per trial, from the study file or --max-epochs
+    max_epochs: int  # per trial: as the study was started with (hpo.studyfile.stored), else the study file's
     # Over finished (complete and pruned) trials: epochs reported, and finished trials x max_epochs.
     epochs_trained: int
     epochs_without_pruning: int

@@ -169,6 +169,27 @@ class ModelSection:
             )
 
 
+@dataclass(frozen=True)
+class TrackingSection:
+    """Experiment trackers that get every finished trial (hpo.tuning.trackers); each key switches one on.
+
+    Each tracker needs its library: ``pip install "hpo[trackers]"``.
+    """
+
+    # MLflow tracking URI ("sqlite:///mlflow.db", "http://host:5000"): one run per finished trial, in the
+    # experiment named like the study, with its parameters, value, user attrs and the metric of every epoch.
+    mlflow: str | None = None
+    # A folder (relative to the working directory): TensorBoard event files, one run per finished trial
+    # (<folder>/<study>/trial-<N>), with the metric of every epoch and the trial's hyperparameters.
+    tensorboard: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("mlflow", "tensorboard"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ValueError(f"{key} must not be empty (leave the key out to switch it off)")
+
+
 def _check_name(key: str, value: str, table: Mapping[str, object]) -> None:
     if value not in table:
         raise ValueError(f"{key} must be one of {', '.join(repr(n) for n in table)}, got {value!r}")
@@ -186,6 +207,7 @@ class StudySpec:
     sampler: SamplerSpec
     pruner: PrunerSpec
     space: SearchSpace
+    tracking: TrackingSection = TrackingSection()
 
 
 @dataclass(frozen=True)
@@ -276,7 +298,7 @@ def _typed_section(registry: Mapping[str, type], table: Mapping[str, Any], where
 
 
 DEFAULT_PRUNER = "successive_halving"
-_SECTIONS = ("study", "data", "train", "model", "sampler", "pruner", "space")
+_SECTIONS = ("study", "data", "train", "model", "sampler", "pruner", "space", "tracking")
 
 
 def _space_misfit(given: Iterable[str], model: str) -> str | None:
@@ -361,6 +383,7 @@ def load_spec(path: Path) -> StudySpec:
         sampler=sampler,
         pruner=pruner,
         space=space,
+        tracking=_build(TrackingSection, raw.get("tracking", {}), f"{path}: [tracking]"),
     )
 
 

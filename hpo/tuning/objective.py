@@ -178,8 +178,12 @@ class Objective:
         on_progress: Callable[[float], None] | None = None,
         takeover_after: float | None = None,
         silent_for: Callable[[], float] | None = None,
+        on_final_checkpoint: Callable[[optuna.Trial, Path], None] | None = None,
     ) -> None:
         self.spec = spec
+        # Sees a trial's last checkpoint once it is trained or pruned, while it still runs: Optuna attaches
+        # artifacts to running trials only (hpo.run --upload-checkpoints).
+        self.on_final_checkpoint = on_final_checkpoint
         # Seconds without a heartbeat after which another worker may have reaped this worker's trial (its grace
         # period less one heartbeat interval): past them, a worker cut off or frozen stops training the trial.
         self.takeover_after = takeover_after
@@ -240,7 +244,17 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         number, path, hp = self.guard.call(f"start trial {trial.number}", lambda: self._start(trial))
-        return TrialRun(self, trial, number, path, hp).run()
+        if self.on_final_checkpoint is None:
+            return TrialRun(self, trial, number, path, hp).run()
+        try:
+            value = TrialRun(self, trial, number, path, hp).run()
+        except optuna.TrialPruned:
+            if path.is_file():
+                self.on_final_checkpoint(trial, path)
+            raise
+        if path.is_file():
+            self.on_final_checkpoint(trial, path)
+        return value
 
 
 class TrialRun:

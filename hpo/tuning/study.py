@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from hpo.errors import SpecError, StorageError, first_line
+from hpo.errors import SpecError, StorageError, UsageError, first_line
 from hpo.studyfile.samplers import (
     CmaEsSamplerSpec,
     GpSamplerSpec,
@@ -28,7 +28,8 @@ from hpo.studyfile.samplers import (
     TpeSamplerSpec,
 )
 from hpo.studyfile.space import Choice, Distribution, Fixed, FloatRange, IntRange, grid
-from hpo.studyfile.spec import StudySpec
+from hpo.studyfile.spec import Overrides, StudySpec
+from hpo.studyfile.stored import STARTED_WITH_ATTR, changes, refusal, started_with
 from hpo.tuning.budget import FINISHED_STATES
 from hpo.tuning.outage import absorb_start_race
 from hpo.tuning.storage import check_existing_storage, open_storage, redact
@@ -129,13 +130,23 @@ def _existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.study.S
     return None
 
 
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int = 0) -> optuna.Study:
+def open_study(
+    spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int = 0, overrides: Overrides = Overrides(),
+    accept_changed: bool = False,
+) -> optuna.Study:
     """Create the study, or resume it when one of that name already exists (also when another worker
-    creates it in the same instant)."""
-    return absorb_start_race("create the study", lambda: _open_study(spec, storage, worker_index=worker_index))
+    creates it in the same instant).  A resume whose trials would train differently (hpo.studyfile.stored)
+    is refused unless ``accept_changed``; ``overrides`` (hpo.run's flags) only name where a change came from."""
+    return absorb_start_race(
+        "create the study",
+        lambda: _open_study(spec, storage, worker_index=worker_index, overrides=overrides, accept_changed=accept_changed),
+    )
 
 
-def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int) -> optuna.Study:
+def _open_study(
+    spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int, overrides: Overrides,
+    accept_changed: bool,
+) -> optuna.Study:
     direction = spec.study.direction
     assert direction is not None
     found = _existing(storage, spec.study.name)
@@ -152,6 +163,7 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker
         )
     if found is not None:
         _check_distributions(spec, storage)
+    stored = _stored_values(spec, found, overrides, accept_changed)
     seed = sampler_seed(
         spec.study.seed, worker_index=worker_index, trials_so_far=0 if found is None else found.n_trials
     )
@@ -166,7 +178,26 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker
     study.set_metric_names([spec.study.metric])
     if stored_model is None:
         study.set_user_attr(MODEL_ATTR, spec.model.name)
+    if stored != started_with(spec):
+        study.set_user_attr(STARTED_WITH_ATTR, started_with(spec))
     return study
+
+
+def _stored_values(
+    spec: StudySpec, found: optuna.study.StudySummary | None, overrides: Overrides, accept_changed: bool
+) -> dict[str, object] | None:
+    """The values the study was started with (None: a new study, or one from before hpo stored them); a
+    resume with other ones raises a UsageError naming each, unless ``accept_changed`` (then they are replaced)."""
+    stored = found.user_attrs.get(STARTED_WITH_ATTR) if found is not None else None
+    if not isinstance(stored, dict):
+        return None
+    changed = changes(spec, stored, overrides)
+    if changed and not accept_changed:
+        raise UsageError(refusal(spec.study.name, changed))
+    if changed:
+        # Accepted: later trials (and hpo.best, the report) follow the new values; the log keeps the old.
+        logger.warning("study %r continues with changed values: %s", spec.study.name, "; ".join(map(str, changed)))
+    return stored
 
 
 def optuna_distribution(dist: Distribution) -> optuna.distributions.BaseDistribution | None:
