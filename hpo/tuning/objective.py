@@ -368,6 +368,8 @@ class TrialRun:
         self.recorder.report(result.epoch, score(result, self.metric))
         if not self.recorder.flush(wait=False):
             return  # the storage is away: train on, report these epochs once it is back
+        if result.epoch >= self.objective.spec.train.max_epochs:
+            return  # trained to the end: a verdict now saves nothing and would turn a finished result into PRUNED
         # The pruner may read the trials Optuna cached for this trial, so success proves nothing.
         reachable, prune = self.objective.guard.attempt(
             f"decide on pruning trial {self.trial.number}", self.trial.should_prune, reads_storage=False
