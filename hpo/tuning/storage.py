@@ -167,6 +167,11 @@ def engine_kwargs(url: URL) -> dict[str, Any]:
             "tcp_user_timeout": IO_TIMEOUT_S * 1000,  # milliseconds unacknowledged data may wait
             "options": " ".join(f"-c {name}={value}" for name, value in POSTGRES_SESSION.items()),
         }
+        if driver == "psycopg":
+            # No server-side prepared statements: behind PgBouncer in transaction mode each transaction may reach
+            # another server connection, where "_pg3_0" already exists or does not (psycopg 3 prepares a query
+            # after 5 runs). Optuna's queries are small; preparing them saves nothing measurable.
+            kwargs["connect_args"]["prepare_threshold"] = None
     elif driver in ("pymysql", "mysqldb"):
         kwargs["connect_args"] = {
             "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": IO_TIMEOUT_S, "write_timeout": IO_TIMEOUT_S,
@@ -225,8 +230,9 @@ def check_storage(url: str, source: str, *, writable: bool = True, patience: flo
         except sqlalchemy.exc.SQLAlchemyError as exc:
             words = first_line(getattr(exc, "orig", exc))
             if patience <= 0 or refused_for_good(words):
+                hint = next((text for cause, text in _HINTS.items() if cause in words), "")
                 # Not chained: the guard would see the driver's OperationalError under it and wait.
-                raise StorageError(f"{source}: cannot connect to {redact(url)}: {words}") from None
+                raise StorageError(f"{source}: cannot connect to {redact(url)}: {words}{hint}") from None
             raise  # passing: the guard waits and tries again
 
     try:
@@ -239,7 +245,13 @@ def check_storage(url: str, source: str, *, writable: bool = True, patience: flo
 _REFUSALS = (
     "authentication failed", "no password supplied", "pg_hba.conf", "does not exist", "access denied",
     "unknown database",
+    "unsupported startup parameter",  # a PgBouncer not told to ignore the session settings hpo sends
 )
+# One hint per refusal that has a known cause on the user's side.
+_HINTS = {
+    "unsupported startup parameter": " (a PgBouncer in front of PostgreSQL: set ignore_startup_parameters = options in "
+    "pgbouncer.ini and the timeouts on the database, see docs/clusters.md)",
+}
 
 
 def refused_for_good(words: str) -> bool:
