@@ -128,8 +128,9 @@ class TrainSection:
     # torch.compile the model. Off by default: every trial pays the compile time again, which
     # faster epochs must repay; bench/throughput.py --compile measures both ways.
     compile: bool = False
-    # Autocast: "auto" is bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere.
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # Autocast: "auto" is bf16 where the device has it natively (CUDA compute capability 8.0 and up, CPUs
+    # with AVX-512 BF16 or AMX), fp16 with gradient scaling on older CUDA GPUs (T4, V100), fp32 elsewhere.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
