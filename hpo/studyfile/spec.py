@@ -8,6 +8,7 @@ is accepted only if it is a field of that dataclass.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import re
 import tomllib
 import types
@@ -365,9 +366,18 @@ def load_spec(path: Path) -> StudySpec:
     )
 
 
+def shipped_studies() -> Path:
+    """The study files that come with hpo: studies/ at the top of a source checkout (an editable install too), else
+    hpo/studies/ inside the installed package, where the wheel carries them as package data (pyproject.toml)."""
+    root = Path(__file__).resolve().parents[2]  # hpo/studyfile/spec.py → the repository root, or site-packages
+    if (root / "pyproject.toml").is_file() and (root / "studies").is_dir():
+        return root / "studies"
+    return Path(str(importlib.resources.files("hpo").joinpath("studies")))  # pip installs files: a real path
+
+
 def studies_dirs() -> tuple[Path, ...]:
-    """Where ``--study NAME`` looks: ./studies, then the studies/ folder shipped beside the package."""
-    shipped = Path(__file__).resolve().parents[2] / "studies"  # hpo/studyfile/spec.py → the repository root
+    """Where ``--study NAME`` looks: ./studies, then the study files shipped with hpo."""
+    shipped = shipped_studies()
     local = Path("studies").resolve()
     return (local,) if local == shipped else (local, shipped)
 
