@@ -107,9 +107,9 @@ def test_bad_input_is_one_line(
 
 
 def test_data_without_a_test_set_is_refused(
-    finished_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str], real_jpegs: list[bytes]
+    finished_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str], jpegs: list[bytes]
 ) -> None:
-    data = image_folder(tmp_path / "set", real_jpegs, per_class=5)
+    data = image_folder(tmp_path / "set", jpegs, per_class=5)
     shutil.rmtree(data / "test")
     assert main(_argv(finished_study, "--out", str(tmp_path / "out"), "--data-dir", str(data))) == 2
     err = capsys.readouterr().err

@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 from test_workers import _assert_exact_budget, _cleanup
 
-from conftest import write_study
+from conftest import missing, write_study
 from faults import running_with_epochs, server_url, wait_for
 from hpo.run import main
 
@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def slurm() -> None:
     if shutil.which("sbatch") is None:
-        pytest.skip("Slurm is not installed here (.ci/slurm-up installs and starts a single-node cluster)")
+        missing("slurm", "Slurm is not installed here (.ci/slurm-up installs and starts a single-node cluster)")
     states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
     if states.returncode != 0 or not {"idle", "mixed", "allocated"} & set(states.stdout.split()):
         problem = (states.stderr or states.stdout).strip().splitlines()
-        pytest.skip(f"Slurm does not take jobs here (.ci/slurm-up starts it): {problem[-1] if problem else 'no node up'}")
+        missing("slurm", f"Slurm does not take jobs here (.ci/slurm-up starts it): {problem[-1] if problem else 'no node up'}")
 
 
 @pytest.fixture()

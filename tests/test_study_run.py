@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import write_study
+from conftest import missing, write_study
 from hpo.run import main
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def test_study_on_a_real_database_server(tmp_path: Path, archive: Path, variable
 
     url = os.environ.get(variable)
     if not url:
-        pytest.skip(f"{variable} is not set (.ci/run sets it)")
+        missing("mysql" if "MYSQL" in variable else "postgresql", f"{variable} is not set (.ci/run sets it)")
     if driver is not None:  # the same server through another driver: psycopg 3 is installed with the test extra
         url = make_url(url).set(drivername=driver).render_as_string(hide_password=False)
     name = f"tiny-{uuid.uuid4().hex[:8]}"
