@@ -47,7 +47,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.add_argument("--version", action="version", version=f"hpo {version()}", help="print hpo's version and exit")
+        self.add_argument("--version", action="version", version=f"hpo {version()}", help="print hpo's version, exit")
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)

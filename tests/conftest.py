@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What a test may need from outside the checkout, and how to provide it.
 RESOURCES = {
-    "dataset": "the CIFAR-10 archive: set HPO_DATA_ARCHIVE, or put ../shared/data/cifar10-jpg.tar.gz beside the checkout",
+    "dataset": "the CIFAR-10 archive: set HPO_DATA_ARCHIVE, or put ../shared/data/cifar10-jpg.tar.gz beside "
+    "the checkout",
     "postgresql": "a PostgreSQL server: set HPO_TEST_POSTGRES_URL (throwaway servers: PostgreSQL 15's binaries)",
     "mysql": "a MySQL or MariaDB server: set HPO_TEST_MYSQL_URL",
     "slurm": "a Slurm cluster that takes jobs: .ci/slurm-up installs and starts one on this machine",
@@ -168,14 +169,15 @@ class FinishedStudy:
 
 
 @pytest.fixture(scope="session")
-def finished_study(tmp_path_factory: pytest.TempPathFactory, archive: Path) -> FinishedStudy:
-    """5 trials of 2 epochs: the median pruner starts after 2 completed trials; with seed 0 trials 2 and 4 are
-    pruned (their epoch-1 losses are > 0.02 above the median, far beyond run-to-run noise)."""
+def finished_study(tmp_path_factory: pytest.TempPathFactory, image_archive: Path) -> FinishedStudy:
+    """5 trials of 2 epochs on the generated images: the median pruner starts after 2 completed trials; with seed 0
+    trials 0-3 complete and trial 4 is pruned (its epoch-1 loss, 2.33, is 0.05 above the median of the others' 2.27,
+    far beyond run-to-run noise; measured on the 2-core development CPU)."""
     from hpo.run import main
 
     folder = tmp_path_factory.mktemp("finished")
     study_file = write_study(
-        folder, archive=archive, max_epochs=2, pruner='type = "median"\nn_startup_trials = 2\nn_warmup_steps = 0',
+        folder, archive=image_archive, max_epochs=2, pruner='type = "median"\nn_startup_trials = 2\nn_warmup_steps = 0',
         lr="{ low = 1e-5, high = 1e-1, log = true }",
     )
     url = f"sqlite:///{folder / 'hpo.db'}"
@@ -211,8 +213,8 @@ def told_study(tmp_path_factory: pytest.TempPathFactory) -> FinishedStudy:
 
 
 def synthetic_jpegs(count: int, *, size: int = 32, classes: int = 10, seed: int = 0) -> list[bytes]:
-    """``count`` JPEG files of ``size`` px RGB: image ``i`` is class ``i % classes``'s own colour under noise, so a small
-    CNN tells the classes apart within an epoch or two.  For tests that need images, not CIFAR-10's content."""
+    """``count`` JPEG files of ``size`` px RGB: image ``i`` is class ``i % classes``'s own colour under noise, so a
+    small CNN tells the classes apart within an epoch or two.  For tests that need images, not CIFAR-10's content."""
     import io
 
     import numpy as np
@@ -237,15 +239,16 @@ def jpegs() -> list[bytes]:
 
 @pytest.fixture(scope="session")
 def image_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A .tar.gz of ``train/<class>/`` (60 JPEGs per class) and ``test/<class>/`` (10), as the CIFAR-10 archive, 10 classes of
-    32 px generated images (:func:`synthetic_jpegs`; 1.6 MB): a stand-in for the CIFAR-10 archive wherever a test
-    needs images of CIFAR's shape, not its content, so that it runs on a fresh clone."""
+    """A .tar.gz of ``train/<class>/`` (170 JPEGs per class) and ``test/<class>/`` (10), as the CIFAR-10 archive, of
+    10 classes of 32 px generated images (:func:`synthetic_jpegs`; 2.3 MB, made in about a second): a stand-in for
+    the CIFAR-10 archive wherever a test needs images of CIFAR's shape, not its content, so that it runs on a fresh
+    clone.  1,530 training images after the validation part: as many as the tests' ``train_subset`` asks for."""
     import tarfile
 
     root = tmp_path_factory.mktemp("image-archive")
     names = [f"class{k}" for k in range(10)]
-    images = iter(synthetic_jpegs(700, classes=10, seed=1))
-    for split, per_class in (("train", 60), ("test", 10)):
+    images = iter(synthetic_jpegs(1800, classes=10, seed=1))
+    for split, per_class in (("train", 170), ("test", 10)):
         for index in range(per_class):
             for name in names:  # class after class, so the i-th image is class i % 10 as generated
                 path = root / "images" / split / name / f"{index:04d}.jpg"

@@ -55,7 +55,7 @@ def test_best_model_checkpoint_loads_and_matches_the_printed_accuracy(
     assert checkpoint.epochs == best.user_attrs["epochs"] == 2
     assert {name: getattr(checkpoint.hyperparameters, name) for name in best.params} == best.params
     assert checkpoint.train_images == 256 + 128, "the training and validation parts of the study"
-    assert checkpoint.classes[:2] == ("airplane", "automobile") and len(checkpoint.mean) == 3
+    assert checkpoint.classes[:2] == ("class0", "class1") and len(checkpoint.mean) == 3
 
     dataset = load_dataset(load_spec(finished_study.study_file).data)
     test = dataset.test_labels.shape[0]

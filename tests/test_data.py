@@ -26,7 +26,7 @@ def cifar(archive: Path):
 
 @pytest.fixture(scope="module")
 def images(image_archive: Path):
-    """600 training and 100 test images, 10 classes, class-sorted as CIFAR-10's archive is."""
+    """1,700 training and 100 test images, 10 classes, class-sorted as CIFAR-10's archive is."""
     return load_dataset(DataSection(data_dir=str(image_archive)))
 
 
@@ -47,12 +47,12 @@ def test_second_load_reads_the_cache(image_archive: Path, images) -> None:
 
 
 def test_validation_split_is_random_seeded_and_disjoint(images) -> None:
-    assert torch.equal(images.train_labels, torch.arange(10).repeat_interleave(60)), "class-sorted, as CIFAR-10's"
+    assert torch.equal(images.train_labels, torch.arange(10).repeat_interleave(170)), "class-sorted, as CIFAR-10's"
     section = DataSection(val_fraction=0.1, split_seed=0)
     data = carve_validation(images, section)
-    assert len(data.train) == 540 and len(data.val) == 60
+    assert len(data.train) == 1530 and len(data.val) == 170
     # Drawn at random from a class-sorted archive: every class is in the validation part.
-    assert torch.bincount(data.val.labels, minlength=10).min() >= 2
+    assert torch.bincount(data.val.labels, minlength=10).min() >= 8
     again = carve_validation(images, section)
     assert torch.equal(again.val.labels, data.val.labels), "same split_seed, same split"
     other = carve_validation(images, dataclasses.replace(section, split_seed=1))

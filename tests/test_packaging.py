@@ -102,21 +102,25 @@ def test_the_built_wheel_runs_the_quick_study_by_name_outside_the_checkout(tmp_p
     (tmp_path / "src").mkdir()
     sources = _copy_sources(tmp_path / "src")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HPO_DATA_ARCHIVE")}
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(sources)],
-        check=True, env=env, cwd=tmp_path,
-    )
+    build = ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(sources)]
+    subprocess.run([sys.executable, "-m", "pip", *build], check=True, env=env, cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("hpo-*.whl")
     python = _fresh_venv(tmp_path / "venv")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)], check=True, env=env)
+    install = ["--python", str(python), "install", "--no-deps", "-q", str(wheel)]
+    subprocess.run([sys.executable, "-m", "pip", *install], check=True, env=env)
     hpo_command = tmp_path / "venv" / "bin" / "hpo"
     work = tmp_path / "elsewhere"
     images = random_image_folder(work / "images", train=4, test=1, size=32, classes=tuple(f"c{i}" for i in range(10)))
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(hpo_command), *args], cwd=work, env=env, check=False, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [str(hpo_command), *args], cwd=work, env=env, check=False, capture_output=True, text=True, timeout=600
+        )
 
-    where = subprocess.run([python, "-c", "import hpo; print(hpo.__file__)"], cwd=work, env=env, capture_output=True, text=True, check=False)
+    where = subprocess.run(
+        [python, "-c", "import hpo; print(hpo.__file__)"], cwd=work, env=env, capture_output=True, text=True,
+        check=False,
+    )
     assert where.stdout.startswith(str(tmp_path / "venv")), where.stdout + where.stderr
     assert run("--version").stdout == f"hpo {hpo.__version__}\n"
     searched = run(
@@ -125,7 +129,8 @@ def test_the_built_wheel_runs_the_quick_study_by_name_outside_the_checkout(tmp_p
     )
     assert searched.returncode == 0, searched.stderr[-3000:]
     assert "Traceback" not in searched.stderr
-    reported = run("report", "--study", "quick", "--storage", f"sqlite:///{work / 'hpo.db'}", "--out", "report", "--quiet")
+    storage = f"sqlite:///{work / 'hpo.db'}"
+    reported = run("report", "--study", "quick", "--storage", storage, "--out", "report", "--quiet")
     assert reported.returncode == 0, reported.stderr[-3000:]
     assert (work / "report" / "report.html").is_file()
     unknown = run("run", "--study", "nosuch", "--n-trials", "1")

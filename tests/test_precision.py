@@ -64,7 +64,9 @@ def _data(n: int = 64, size: int = 16) -> SearchData:
     noise = torch.randint(0, 40, (n, size, size, 3), generator=generator)
     images = (noise + 60 + 120 * labels[:, None, None, None]).to(torch.uint8)
     split = Split(images=images, labels=labels)
-    return SearchData(train=split, val=split, mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=2, image_shape=(3, size, size))
+    return SearchData(
+        train=split, val=split, mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=2, image_shape=(3, size, size)
+    )
 
 
 def _fit(precision: str, checkpoint: Path) -> list[float]:
@@ -101,7 +103,8 @@ def test_each_trial_stores_the_precision_it_trained_in_and_the_worker_logs_it(
         '[pruner]\ntype = "none"\n[space]\nlr = 0.01\nbatch_size = 8\ndepth = 1\nbase_width = 4\n'
     )
     with caplog.at_level(logging.INFO, logger="hpo"):
-        study = hpo.search(study_file, n_trials=1, storage=f"sqlite:///{tmp_path / 'hpo.db'}", data=hpo.ArrayData(images, labels))
+        url = f"sqlite:///{tmp_path / 'hpo.db'}"
+        study = hpo.search(study_file, n_trials=1, storage=url, data=hpo.ArrayData(images, labels))
     expected = precision_for("auto", torch.device("cpu"))
     assert study.trials[0].user_attrs["precision"] == expected
     assert f"training in {expected} on cpu ([train] precision = 'auto')" in caplog.text

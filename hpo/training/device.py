@@ -1,5 +1,5 @@
-"""The torch device a study trains on (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against this machine), and
-what it can do: the autocast precision chosen from its capabilities."""
+"""The torch device a study trains on (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against this
+machine), and what it can do: the autocast precision chosen from its capabilities."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def _cpu_has_bf16() -> bool:
 def capabilities(device: torch.device) -> Capabilities:
     """This machine's capabilities for ``device``."""
     if device.type == "cuda":
-        return Capabilities(type="cuda", cuda_capability=tuple(torch.cuda.get_device_capability(device)))  # type: ignore[arg-type]
+        major, minor = torch.cuda.get_device_capability(device)
+        return Capabilities(type="cuda", cuda_capability=(major, minor))
     if device.type == "cpu":
         return Capabilities(type="cpu", cpu_bf16=_cpu_has_bf16())
     return Capabilities(type=device.type)

@@ -194,7 +194,9 @@ class Objective:
         self.host = socket.gethostname()
         # The autocast precision [train] precision means on this device; stored with every trial as "precision".
         self.precision = precision_for(spec.train.precision, device)
-        logger.info("training in %s on %s ([train] precision = %r)", self.precision, device_name(device), spec.train.precision)
+        logger.info(
+            "training in %s on %s ([train] precision = %r)", self.precision, device_name(device), spec.train.precision
+        )
         self._study_id: int | None = None
         self._checkpoints: dict[int, Path] = {}  # trial number → its checkpoint, until the trial ends
 
