@@ -102,7 +102,7 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
 def archive() -> Path:
     path = _archive()
     if path is None or not path.is_file():
-        missing("dataset", f"no CIFAR-10 archive at {path}" if path else "HPO_DATA_ARCHIVE is unset")
+        missing("dataset", f"no CIFAR-10 archive at {path}" if path else "HPO_DATA_ARCHIVE is unset and ../shared is absent")
     return path
 
 
