@@ -20,7 +20,7 @@ import hpo
 from hpo.studyfile.space import Hyperparameters
 from hpo.training.config import TrainConfig
 from hpo.training.device import Capabilities, capabilities, choose_precision, precision_for
-from hpo.training.fit import fit
+from hpo.training.fit import fit, load_checkpoint
 from hpo.training.models import build_model
 from hpo.training.splits import SearchData, Split
 
@@ -69,13 +69,13 @@ def _data(n: int = 64, size: int = 16) -> SearchData:
     )
 
 
-def _fit(precision: str, checkpoint: Path) -> list[float]:
+def _fit(precision: str, checkpoint: Path, **resuming: object) -> list[float]:
     """Training losses of 4 epochs of a tiny CNN in ``precision`` on the CPU, from the same seed whatever it is."""
     hp = Hyperparameters(lr=0.05, batch_size=16, depth=1, base_width=8, optimizer="sgd")
     torch.manual_seed(0)
     model = build_model("cnn", hp, in_channels=3, num_classes=2, image_size=16)
     config = TrainConfig(hp=hp, max_epochs=4, augment=False, seed=0, device=torch.device("cpu"), precision=precision)
-    return [epoch.train_loss for epoch in fit(model, _data(), config, checkpoint=checkpoint).epochs]
+    return [epoch.train_loss for epoch in fit(model, _data(), config, checkpoint=checkpoint, **resuming).epochs]
 
 
 def test_fp16_trains_with_gradient_scaling_and_learns_as_fp32_does(tmp_path: Path) -> None:
@@ -88,6 +88,17 @@ def test_fp16_trains_with_gradient_scaling_and_learns_as_fp32_does(tmp_path: Pat
     scaler = torch.load(tmp_path / "fp16.pt", weights_only=True)["scaler"]
     assert scaler["scale"] > 0
     assert torch.load(tmp_path / "fp32.pt", weights_only=True)["scaler"] == {}  # disabled: fp32 trains as before
+
+
+def test_a_resumed_fp16_trial_goes_on_with_the_loss_scale_it_had_reached(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "trial.pt"
+    _fit("fp16", checkpoint, stop_after=1)
+    blob = torch.load(checkpoint, weights_only=True)
+    blob["scaler"]["scale"] = 1024.0  # as if overflows had halved it from the initial 65,536 six times
+    torch.save(blob, checkpoint)
+    _fit("fp16", checkpoint, resume=load_checkpoint(checkpoint))
+    # 12 more steps without overflow leave the scale where it was (it grows after 2,000); a fresh scaler's is 65,536.
+    assert torch.load(checkpoint, weights_only=True)["scaler"]["scale"] == 1024.0
 
 
 @pytest.mark.slow
