@@ -8,6 +8,7 @@ is reported by argparse under the flag's name.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -30,8 +31,23 @@ EXIT_TERMINATED = 143
 T = TypeVar("T")
 
 
+def version() -> str:
+    """hpo's version: the installed distribution's, else (a source checkout on PYTHONPATH) ``hpo.__version__``."""
+    try:
+        return importlib.metadata.version("hpo")
+    except importlib.metadata.PackageNotFoundError:
+        import hpo
+
+        return hpo.__version__
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage dump), handled like every HpoError."""
+    """An ArgumentParser whose errors are one line (no usage dump), handled like every HpoError; every command
+    (and sub-command) it builds has ``--version``."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.add_argument("--version", action="version", version=f"hpo {version()}", help="print hpo's version, exit")
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)

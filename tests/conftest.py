@@ -1,16 +1,84 @@
-"""Shared fixtures: the CIFAR-10 archive, a per-session decode cache, tiny study files, stand-in pretrained weights."""
+"""Shared fixtures: the CIFAR-10 archive, a per-session decode cache, tiny study files, stand-in pretrained weights;
+and what the run could not test: each missing resource, named at the end, or a failure in strict mode.
+
+A test that needs something outside the checkout (the dataset archive, a database server, Slurm, a browser) calls
+``missing(resource, why)`` when it is absent, never ``pytest.skip`` directly: the skip then counts towards that
+resource in the block printed at the end of the run, and with ``--strict-resources`` (or ``HPO_TEST_STRICT=1``;
+``.ci/run`` uses it) it is a failure instead, so that CI cannot pass by testing less.
+"""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import optuna
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# What a test may need from outside the checkout, and how to provide it.
+RESOURCES = {
+    "dataset": "the CIFAR-10 archive: set HPO_DATA_ARCHIVE, or put ../shared/data/cifar10-jpg.tar.gz beside "
+    "the checkout",
+    "postgresql": "a PostgreSQL server: set HPO_TEST_POSTGRES_URL (throwaway servers: PostgreSQL 15's binaries)",
+    "mysql": "a MySQL or MariaDB server: set HPO_TEST_MYSQL_URL",
+    "slurm": "a Slurm cluster that takes jobs: .ci/slurm-up installs and starts one on this machine",
+    "browser": "headless Chromium: apt-get install chromium",
+}
+_PREFIX = "missing resource "  # how a skip says it is one of ours: "missing resource <name>: <why>"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--strict-resources", action="store_true",
+        help="fail, not skip, a test whose resource (dataset, PostgreSQL, MySQL, Slurm, browser) is missing; "
+        "also HPO_TEST_STRICT=1",
+    )
+
+
+def _strict(config: pytest.Config) -> bool:
+    return bool(config.getoption("--strict-resources")) or os.environ.get("HPO_TEST_STRICT") == "1"
+
+
+_config: list[pytest.Config] = []  # this run's config, for missing(), which tests call without a request
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _config[:] = [config]
+
+
+def missing(resource: str, why: str) -> NoReturn:
+    """Skip the calling test (fail it in strict mode) because ``resource`` (a key of RESOURCES) is missing: ``why``."""
+    assert resource in RESOURCES, resource
+    message = f"{_PREFIX}{resource}: {why}"
+    if _config and _strict(_config[0]):
+        pytest.fail(f"{message} (strict mode: --strict-resources or HPO_TEST_STRICT=1)", pytrace=False)
+    pytest.skip(message)
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    """One block at the end: each missing resource, the tests it skipped, and how to provide it."""
+    counts: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = _skip_reason(report).removeprefix("Skipped: ")
+        if reason.startswith(_PREFIX):
+            counts[reason.removeprefix(_PREFIX).split(":", 1)[0]] += 1
+    if not counts:
+        return
+    terminalreporter.section("missing resources: these tests did not run", sep="=", yellow=True, bold=True)
+    for resource, count in sorted(counts.items()):
+        terminalreporter.line(f"{resource:<11} {count:>4} tests skipped; needs {RESOURCES[resource]}")
+    terminalreporter.line("(--strict-resources or HPO_TEST_STRICT=1 makes each of these skips a failure)")
 
 
 def _archive() -> Path | None:
@@ -34,7 +102,7 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
 def archive() -> Path:
     path = _archive()
     if path is None or not path.is_file():
-        pytest.skip("CIFAR-10 archive not found: set HPO_DATA_ARCHIVE or put ../shared/data/cifar10-jpg.tar.gz beside the repo")
+        missing("dataset", f"no CIFAR-10 archive at {path}" if path else "HPO_DATA_ARCHIVE is unset and ../shared is absent")
     return path
 
 
@@ -101,14 +169,15 @@ class FinishedStudy:
 
 
 @pytest.fixture(scope="session")
-def finished_study(tmp_path_factory: pytest.TempPathFactory, archive: Path) -> FinishedStudy:
-    """5 trials of 2 epochs: the median pruner starts after 2 completed trials; with seed 0 trials 2 and 4 are
-    pruned (their epoch-1 losses are > 0.02 above the median, far beyond run-to-run noise)."""
+def finished_study(tmp_path_factory: pytest.TempPathFactory, image_archive: Path) -> FinishedStudy:
+    """5 trials of 2 epochs on the generated images: the median pruner starts after 2 completed trials; with seed 0
+    trials 0-3 complete and trial 4 is pruned (its epoch-1 loss, 2.33, is 0.05 above the median of the others' 2.27,
+    far beyond run-to-run noise; measured on the 2-core development CPU)."""
     from hpo.run import main
 
     folder = tmp_path_factory.mktemp("finished")
     study_file = write_study(
-        folder, archive=archive, max_epochs=2, pruner='type = "median"\nn_startup_trials = 2\nn_warmup_steps = 0',
+        folder, archive=image_archive, max_epochs=2, pruner='type = "median"\nn_startup_trials = 2\nn_warmup_steps = 0',
         lr="{ low = 1e-5, high = 1e-1, log = true }",
     )
     url = f"sqlite:///{folder / 'hpo.db'}"
@@ -143,21 +212,53 @@ def told_study(tmp_path_factory: pytest.TempPathFactory) -> FinishedStudy:
     return FinishedStudy(study_file=study_file, url=url, name="tiny")
 
 
+def synthetic_jpegs(count: int, *, size: int = 32, classes: int = 10, seed: int = 0) -> list[bytes]:
+    """``count`` JPEG files of ``size`` px RGB: image ``i`` is class ``i % classes``'s own colour under noise, so a
+    small CNN tells the classes apart within an epoch or two.  For tests that need images, not CIFAR-10's content."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(30, 226, (classes, 3))  # one mean colour per class, 0-255
+    found = []
+    for i in range(count):
+        pixels = palette[i % classes] + rng.normal(0, 35, (size, size, 3))
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        found.append(buffer.getvalue())
+    return found
+
+
 @pytest.fixture(scope="session")
-def real_jpegs(archive: Path) -> list[bytes]:
-    """The first 210 JPEG files of the CIFAR-10 archive, as bytes (read from its start: no full decode)."""
+def jpegs() -> list[bytes]:
+    """210 generated JPEG files (:func:`synthetic_jpegs`), for image folders built by the tests."""
+    return synthetic_jpegs(210)
+
+
+@pytest.fixture(scope="session")
+def image_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A .tar.gz of ``train/<class>/`` (170 JPEGs per class) and ``test/<class>/`` (10), as the CIFAR-10 archive, of
+    10 classes of 32 px generated images (:func:`synthetic_jpegs`; 2.3 MB, made in about a second): a stand-in for
+    the CIFAR-10 archive wherever a test needs images of CIFAR's shape, not its content, so that it runs on a fresh
+    clone.  1,530 training images after the validation part: as many as the tests' ``train_subset`` asks for."""
     import tarfile
 
-    found: list[bytes] = []
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".jpg"):
-                handle = tar.extractfile(member)
-                assert handle is not None
-                found.append(handle.read())
-                if len(found) == 210:
-                    break
-    return found
+    root = tmp_path_factory.mktemp("image-archive")
+    names = [f"class{k}" for k in range(10)]
+    images = iter(synthetic_jpegs(1800, classes=10, seed=1))
+    for split, per_class in (("train", 170), ("test", 10)):
+        for index in range(per_class):
+            for name in names:  # class after class, so the i-th image is class i % 10 as generated
+                path = root / "images" / split / name / f"{index:04d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(next(images))
+    archive = root / "images.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(root / "images" / split, arcname=split)
+    return archive
 
 
 def image_folder(root: Path, jpegs: list[bytes], *, per_class: int, classes: tuple[str, ...] = ("cat", "dog")) -> Path:

@@ -21,21 +21,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
-import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from conftest import missing
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # The shared database servers, by the variable that holds their URL (.ci/run sets both).
 SERVERS = {"postgresql": "HPO_TEST_POSTGRES_URL", "mariadb": "HPO_TEST_MYSQL_URL"}
+RESOURCE = {"postgresql": "postgresql", "mariadb": "mysql"}  # each server's name in conftest.RESOURCES
 
 
 def server_url(name: str) -> str:
     """The URL of the shared ``postgresql`` or ``mariadb`` server; the test is skipped when it is unset."""
     url = os.environ.get(SERVERS[name])
     if not url:
-        pytest.skip(f"{SERVERS[name]} is not set (.ci/run sets it)")
+        missing(RESOURCE[name], f"{SERVERS[name]} is not set (.ci/run sets it)")
     return url
 
 

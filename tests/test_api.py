@@ -69,8 +69,8 @@ def test_write_report_of_a_stored_study(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_search_retrain_and_report_from_python(tmp_path: Path, archive: Path) -> None:
-    study_file = write_study(tmp_path, archive=archive, max_epochs=2)
+def test_search_retrain_and_report_from_python(tmp_path: Path, image_archive: Path) -> None:
+    study_file = write_study(tmp_path, archive=image_archive, max_epochs=2)
     storage = f"sqlite:///{tmp_path / 'hpo.db'}"
     epochs: list[tuple[int, int]] = []
     study = hpo.search(study_file, n_trials=2, storage=storage, device="cpu", on_epoch=lambda n, r: epochs.append((n, r.epoch)))

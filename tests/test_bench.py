@@ -22,30 +22,30 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
 
 
-def _bench(archive: Path, *args: str) -> str:
+def _bench(image_archive: Path, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--data", str(archive), "--device", "cpu"],
+        [sys.executable, str(SCRIPT), *args, "--data", str(image_archive), "--device", "cpu"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
-def test_pipeline_mode_prints_both_pipelines_and_the_ratio(archive: Path) -> None:
-    out = _bench(archive, "pipeline", "--images", "256", "--val-images", "64", "--epochs", "1", "--num-workers", "1")
+def test_pipeline_mode_prints_both_pipelines_and_the_ratio(image_archive: Path) -> None:
+    out = _bench(image_archive, "pipeline", "--images", "256", "--val-images", "64", "--epochs", "1", "--num-workers", "1")
     assert "reference (DataLoader, 1 workers)" in out and "1.00x" in out
     hpo_line = next(line for line in out.splitlines() if line.startswith("hpo "))
     assert hpo_line.split()[2].endswith("x"), "hpo's images/s is shown as a ratio to the reference"
     assert "%" in hpo_line, "validation accuracy is shown next to the speed"
 
 
-def test_workers_mode_prints_trials_per_hour_per_k(archive: Path) -> None:
-    out = _bench(archive, "workers", "--k", "1", "2", "--n-trials", "2", "--images", "128", "--val-images", "64", "--epochs", "1")
+def test_workers_mode_prints_trials_per_hour_per_k(image_archive: Path) -> None:
+    out = _bench(image_archive, "workers", "--k", "1", "2", "--n-trials", "2", "--images", "128", "--val-images", "64", "--epochs", "1")
     assert "K=1:" in out and "trials/hour" in out and "K=2: " in out and "the trials/hour of K=1" in out
 
 
-def test_finetune_mode_prints_speed_per_size_training_every_layer_and_the_head_only(archive: Path) -> None:
-    out = _bench(archive, "finetune", "--arch", "mobilenet_v3_small", "--sizes", "32", "--images", "16", "--epochs", "2")
+def test_finetune_mode_prints_speed_per_size_training_every_layer_and_the_head_only(image_archive: Path) -> None:
+    out = _bench(image_archive, "finetune", "--arch", "mobilenet_v3_small", "--sizes", "32", "--images", "16", "--epochs", "2")
     rows = [line.split() for line in out.splitlines() if line.lstrip().startswith("32 px")]
     assert [row[2:4] for row in rows] == [["every", "layer"], ["backbone", "frozen"]]
     assert all(row[5] == "images/s" and float(row[4]) > 0 and row[-3:] == ["CPU-s", "per", "epoch"] for row in rows)
@@ -101,7 +101,7 @@ def _load_search_bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def test_search_bench_compares_configurations_and_tests_only_the_chosen_trial_once_per_run(
-    tmp_path: Path, archive: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, image_archive: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     record_evaluations: Callable[[int], list[str]],
 ) -> None:
     """2 configurations x 2 seeds of a tiny study: every evaluation is recorded; per run the test set is evaluated
@@ -109,12 +109,12 @@ def test_search_bench_compares_configurations_and_tests_only_the_chosen_trial_on
     from hpo.studyfile.spec import load_spec
     from hpo.training.datasets import load_dataset
 
-    study_file = write_study(tmp_path, archive=archive, name="benchy", max_epochs=2)
+    study_file = write_study(tmp_path, archive=image_archive, name="benchy", max_epochs=2)
     evaluated = record_evaluations(len(load_dataset(load_spec(study_file).data).test_labels))
     out = tmp_path / "out"
     bench = _load_search_bench(monkeypatch)
     assert bench.main([
-        "--study", str(study_file), "--data", str(archive), "--configs", "random:none", "random:median:1",
+        "--study", str(study_file), "--data", str(image_archive), "--configs", "random:none", "random:median:1",
         "--seeds", "0", "1", "--budget", "3", "--target", "0.05", "--out", str(out),
     ]) == 0
     printed = capsys.readouterr().out

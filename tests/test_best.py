@@ -55,7 +55,7 @@ def test_best_model_checkpoint_loads_and_matches_the_printed_accuracy(
     assert checkpoint.epochs == best.user_attrs["epochs"] == 2
     assert {name: getattr(checkpoint.hyperparameters, name) for name in best.params} == best.params
     assert checkpoint.train_images == 256 + 128, "the training and validation parts of the study"
-    assert checkpoint.classes[:2] == ("airplane", "automobile") and len(checkpoint.mean) == 3
+    assert checkpoint.classes[:2] == ("class0", "class1") and len(checkpoint.mean) == 3
 
     dataset = load_dataset(load_spec(finished_study.study_file).data)
     test = dataset.test_labels.shape[0]
@@ -107,9 +107,9 @@ def test_bad_input_is_one_line(
 
 
 def test_data_without_a_test_set_is_refused(
-    finished_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str], real_jpegs: list[bytes]
+    finished_study: FinishedStudy, tmp_path: Path, capsys: pytest.CaptureFixture[str], jpegs: list[bytes]
 ) -> None:
-    data = image_folder(tmp_path / "set", real_jpegs, per_class=5)
+    data = image_folder(tmp_path / "set", jpegs, per_class=5)
     shutil.rmtree(data / "test")
     assert main(_argv(finished_study, "--out", str(tmp_path / "out"), "--data-dir", str(data))) == 2
     err = capsys.readouterr().err

@@ -100,8 +100,10 @@ def test_inverted_range_in_study_file(workdir: Path, capsys: pytest.CaptureFixtu
         ("postgresql+asyncpg://u@127.0.0.1/x", "--storage: driver 'asyncpg' in 'postgresql+asyncpg://u@127.0.0.1/x' is asynchronous"),
     ],
 )
-def test_bad_storage_url(workdir: Path, capsys: pytest.CaptureFixture[str], archive: Path, url: str, expected: str) -> None:
-    _fails(capsys, ["--study", "quick", "--n-trials", "2", "--data-dir", str(archive), "--storage", url], expected)
+def test_bad_storage_url(
+    workdir: Path, capsys: pytest.CaptureFixture[str], image_archive: Path, url: str, expected: str
+) -> None:
+    _fails(capsys, ["--study", "quick", "--n-trials", "2", "--data-dir", str(image_archive), "--storage", url], expected)
     assert not (workdir / "hpo.db").exists()
 
 
@@ -206,7 +208,7 @@ def test_missing_dataset_offline_says_where_it_looked(
 
 def _truncated_archive(folder: Path, archive: Path, jpegs: list[bytes]) -> Path:
     with archive.open("rb") as whole:
-        (folder / "cut.tar.gz").write_bytes(whole.read(200_000))  # bytes of 19 MB
+        (folder / "cut.tar.gz").write_bytes(whole.read(archive.stat().st_size // 2))
     return folder / "cut.tar.gz"
 
 
@@ -244,10 +246,10 @@ def _no_images(folder: Path, archive: Path, jpegs: list[bytes]) -> Path:
     ids=["truncated-archive", "corrupt-image", "one-class", "unknown-test-class", "no-images"],
 )
 def test_bad_data_is_one_line_and_writes_nothing(
-    workdir: Path, capsys: pytest.CaptureFixture[str], archive: Path, real_jpegs: list[bytes], make,
+    workdir: Path, capsys: pytest.CaptureFixture[str], image_archive: Path, jpegs: list[bytes], make,
     expected: tuple[str, ...],
 ) -> None:
-    path = make(workdir, archive, real_jpegs)
+    path = make(workdir, image_archive, jpegs)
     fragments = [text.format(path=path) for text in expected]
     _fails(capsys, ["--study", "quick", "--n-trials", "2", "--data-dir", str(path)], "hpo.run: error: data_dir: ", *fragments)
     assert not (workdir / "hpo.db").exists() and not (workdir / "hpo-checkpoints").exists()
@@ -255,9 +257,9 @@ def test_bad_data_is_one_line_and_writes_nothing(
 
 @pytest.mark.parametrize("where", ["file", "/sys/hpo-checkpoints"])
 def test_a_checkpoint_folder_that_cannot_be_written_is_named(
-    workdir: Path, capsys: pytest.CaptureFixture[str], real_jpegs: list[bytes], where: str
+    workdir: Path, capsys: pytest.CaptureFixture[str], jpegs: list[bytes], where: str
 ) -> None:
-    data = image_folder(workdir / "set", real_jpegs, per_class=5)
+    data = image_folder(workdir / "set", jpegs, per_class=5)
     if where == "file":
         (workdir / "file").write_text("")
     expected = "'file' is a file, not a folder" if where == "file" else f"cannot write in '{where}'"
@@ -284,12 +286,14 @@ def test_cuda_asked_for_without_a_gpu(workdir: Path, capsys: pytest.CaptureFixtu
     _fails(capsys, ["--study", "quick", "--n-trials", "2", "--device", "cuda"], "--device: device 'cuda' asked for, but CUDA is not available")
 
 
-def test_existing_study_with_other_direction_is_refused(workdir: Path, capsys: pytest.CaptureFixture[str], archive: Path) -> None:
+def test_existing_study_with_other_direction_is_refused(
+    workdir: Path, capsys: pytest.CaptureFixture[str], image_archive: Path
+) -> None:
     import optuna
 
     url = f"sqlite:///{workdir / 'h.db'}"
     optuna.create_study(storage=url, study_name="tiny", direction="maximize")
-    study_file = write_study(workdir, archive=archive)
+    study_file = write_study(workdir, archive=image_archive)
     _fails(capsys, ["--study", str(study_file), "--n-trials", "2", "--storage", url], "already exists with direction 'maximize'")
     assert len(optuna.load_study(study_name="tiny", storage=url).trials) == 0
 

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import FinishedStudy
+from conftest import FinishedStudy, missing
 from hpo.dashboard import main
 from hpo.studyfile.samplers import MedianPrunerSpec, PercentilePrunerSpec, SuccessiveHalvingPrunerSpec
 from hpo.tuning.notes import Pruned, pruning_note, write_pruning_note
@@ -101,7 +101,7 @@ def test_dashboard_api_serves_the_trials_their_attrs_and_notes(dashboard: str, f
 def test_dashboard_page_renders_in_headless_chromium(dashboard: str, finished_study: FinishedStudy, tmp_path: Path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("no chromium binary (Debian: apt-get install chromium; .ci/run installs it)")
+        missing("browser", "no chromium binary (Debian: apt-get install chromium; .ci/run installs it)")
     page = f"{dashboard}/dashboard/studies/{_study_id(dashboard, finished_study.name)}"
     # --virtual-time-budget: milliseconds of page time to let the single-page app fetch and render.
     browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]

@@ -1,4 +1,5 @@
-"""CIFAR-10 from the shared archive: decoded once, split at random, augmented correctly on the device."""
+"""Datasets decoded once, split at random, augmented correctly on the device: CIFAR-10 from the shared archive (slow:
+all 60,000 images), the rest on the generated image archive (conftest.image_archive), which a fresh clone has too."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ def cifar(archive: Path):
     return load_dataset(DataSection(data_dir=str(archive)))
 
 
+@pytest.fixture(scope="module")
+def images(image_archive: Path):
+    """1,700 training and 100 test images, 10 classes, class-sorted as CIFAR-10's archive is."""
+    return load_dataset(DataSection(data_dir=str(image_archive)))
+
+
+@pytest.mark.slow
 def test_archive_gives_all_of_cifar10_as_uint8(cifar) -> None:
     assert cifar.train_images.shape == (50000, 32, 32, 3) and cifar.train_images.dtype == torch.uint8
     assert cifar.test_images.shape == (10000, 32, 32, 3)
@@ -32,30 +40,31 @@ def test_archive_gives_all_of_cifar10_as_uint8(cifar) -> None:
     assert cifar.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=2e-3)
 
 
-def test_second_load_reads_the_cache(archive: Path, cifar) -> None:
+def test_second_load_reads_the_cache(image_archive: Path, images) -> None:
     assert list(cache_dir().glob("cifar10-32px-*.pt")), "the decoded arrays are cached"
-    again = load_dataset(DataSection(data_dir=str(archive)))
-    assert torch.equal(again.train_images, cifar.train_images)
+    again = load_dataset(DataSection(data_dir=str(image_archive)))
+    assert torch.equal(again.train_images, images.train_images)
 
 
-def test_validation_split_is_random_seeded_and_disjoint(cifar) -> None:
+def test_validation_split_is_random_seeded_and_disjoint(images) -> None:
+    assert torch.equal(images.train_labels, torch.arange(10).repeat_interleave(170)), "class-sorted, as CIFAR-10's"
     section = DataSection(val_fraction=0.1, split_seed=0)
-    data = carve_validation(cifar, section)
-    assert len(data.train) == 45000 and len(data.val) == 5000
+    data = carve_validation(images, section)
+    assert len(data.train) == 1530 and len(data.val) == 170
     # Drawn at random from a class-sorted archive: every class is in the validation part.
-    assert torch.bincount(data.val.labels, minlength=10).min() > 400
-    again = carve_validation(cifar, section)
+    assert torch.bincount(data.val.labels, minlength=10).min() >= 8
+    again = carve_validation(images, section)
     assert torch.equal(again.val.labels, data.val.labels), "same split_seed, same split"
-    other = carve_validation(cifar, dataclasses.replace(section, split_seed=1))
+    other = carve_validation(images, dataclasses.replace(section, split_seed=1))
     assert not torch.equal(other.val.labels, data.val.labels)
 
 
-def test_subsets_are_drawn_from_their_own_part(cifar) -> None:
-    full = carve_validation(cifar, DataSection())
-    small = carve_validation(cifar, DataSection(train_subset=500, val_subset=100))
-    assert len(small.train) == 500 and len(small.val) == 100
-    assert torch.equal(small.val.images, full.val.images[:100]), "the subset never leaks training images into validation"
-    assert torch.bincount(small.train.labels, minlength=10).min() > 20
+def test_subsets_are_drawn_from_their_own_part(images) -> None:
+    full = carve_validation(images, DataSection())
+    small = carve_validation(images, DataSection(train_subset=200, val_subset=20))
+    assert len(small.train) == 200 and len(small.val) == 20
+    assert torch.equal(small.val.images, full.val.images[:20]), "the subset never leaks training images into validation"
+    assert torch.bincount(small.train.labels, minlength=10).min() >= 8
 
 
 def test_missing_data_offline_says_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,8 +120,8 @@ def test_augmentation_strength_is_configurable() -> None:
     )
 
 
-def test_batches_cover_an_epoch_and_normalize_to_channels_last(cifar) -> None:
-    data = carve_validation(cifar, DataSection(train_subset=300, val_subset=50))
+def test_batches_cover_an_epoch_and_normalize_to_channels_last(images) -> None:
+    data = carve_validation(images, DataSection(train_subset=300, val_subset=50))
     batches = list(train_batches(data.train, batch_size=64, generator=torch.Generator().manual_seed(0), augmentation=None))
     assert len(batches) == 4 and all(len(labels) == 64 for _, labels in batches)
     labels = torch.cat([labels for _, labels in batches])

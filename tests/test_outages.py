@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from conftest import write_study
+from conftest import missing, write_study
 from faults import TcpProxy, ThrowawayPostgres, Worker, fresh_database, running_with_epochs, server_url, wait_for
 from hpo.cli import EXIT_STORAGE_UNAVAILABLE
 
@@ -32,7 +32,7 @@ BEAT = ("--heartbeat-interval", "1", "--grace-period", "3")
 def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
     problem = ThrowawayPostgres.available()
     if problem:
-        pytest.skip(f"cannot start a throwaway PostgreSQL: {problem}")
+        missing("postgresql", f"cannot start a throwaway PostgreSQL: {problem}")
     server = ThrowawayPostgres().init()
     server.start()
     yield server

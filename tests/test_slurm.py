@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 from test_workers import _assert_exact_budget, _cleanup
 
-from conftest import write_study
+from conftest import missing, write_study
 from faults import running_with_epochs, server_url, wait_for
 from hpo.run import main
 
@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def slurm() -> None:
     if shutil.which("sbatch") is None:
-        pytest.skip("Slurm is not installed here (.ci/slurm-up installs and starts a single-node cluster)")
+        missing("slurm", "Slurm is not installed here (.ci/slurm-up installs and starts a single-node cluster)")
     states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
     if states.returncode != 0 or not {"idle", "mixed", "allocated"} & set(states.stdout.split()):
         problem = (states.stderr or states.stdout).strip().splitlines()
-        pytest.skip(f"Slurm does not take jobs here (.ci/slurm-up starts it): {problem[-1] if problem else 'no node up'}")
+        missing("slurm", f"Slurm does not take jobs here (.ci/slurm-up starts it): {problem[-1] if problem else 'no node up'}")
 
 
 @pytest.fixture()
@@ -90,9 +90,9 @@ def _logs(tmp_path: Path, job_id: str) -> dict[str, str]:
     return {p.parent.name: p.read_text() for p in (tmp_path / "logs").glob(f"{job_id}_*/*_log.out")}
 
 
-def _array_of_two(submit: Callable[[Path, Path, str, int], str], tmp_path: Path, archive: Path, name: str, url: str) -> str:
+def _array_of_two(submit: Callable[[Path, Path, str, int], str], tmp_path: Path, image_archive: Path, name: str, url: str) -> str:
     """Submit 2 workers on a budget of 6 trials, wait for the array to end; the budget is exact and both ran trials."""
-    study_file = write_study(tmp_path, archive=archive, name=name, max_epochs=2, train_subset=1000)
+    study_file = write_study(tmp_path, archive=image_archive, name=name, max_epochs=2, train_subset=1000)
     job_id = submit(tmp_path, study_file, url, 6)
     wait_for(lambda: not _queued(job_id), 300, f"array job {job_id} to leave the queue")
     trials = _assert_exact_budget(url, name, 6)
@@ -101,8 +101,8 @@ def _array_of_two(submit: Callable[[Path, Path, str, int], str], tmp_path: Path,
     return job_id
 
 
-def test_two_task_array_finishes_exactly_the_budget(slurm: None, tmp_path: Path, archive: Path, study_name: str, postgres: str) -> None:
-    job_id = _array_of_two(_submit, tmp_path, archive, study_name, postgres)
+def test_two_task_array_finishes_exactly_the_budget(slurm: None, tmp_path: Path, image_archive: Path, study_name: str, postgres: str) -> None:
+    job_id = _array_of_two(_submit, tmp_path, image_archive, study_name, postgres)
     logs = _logs(tmp_path, job_id)
     assert sorted(logs) == [f"{job_id}_0", f"{job_id}_1"], logs.keys()
     for task, text in logs.items():
@@ -115,16 +115,16 @@ def test_two_task_array_finishes_exactly_the_budget(slurm: None, tmp_path: Path,
 
 
 def test_the_plain_sbatch_script_runs_the_same_workers(
-    slurm: None, tmp_path: Path, archive: Path, study_name: str, postgres: str
+    slurm: None, tmp_path: Path, image_archive: Path, study_name: str, postgres: str
 ) -> None:
-    _array_of_two(_sbatch, tmp_path, archive, study_name, postgres)
+    _array_of_two(_sbatch, tmp_path, image_archive, study_name, postgres)
 
 
 def test_scancel_mid_trial_leaves_nothing_running_and_a_later_run_resumes(
-    slurm: None, tmp_path: Path, archive: Path, study_name: str, postgres: str
+    slurm: None, tmp_path: Path, image_archive: Path, study_name: str, postgres: str
 ) -> None:
     # Epochs long enough (~0.5 s) to cancel the array in the middle of a trial.
-    study_file = write_study(tmp_path, archive=archive, name=study_name, max_epochs=4, train_subset=1500)
+    study_file = write_study(tmp_path, archive=image_archive, name=study_name, max_epochs=4, train_subset=1500)
     job_id = _submit(tmp_path, study_file, postgres, 2)
     victim = wait_for(lambda: running_with_epochs(postgres, study_name), 180, "a running trial with a reported epoch")
     assert isinstance(victim, optuna.trial.FrozenTrial)

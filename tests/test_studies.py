@@ -1,7 +1,7 @@
 """Every shipped study runs: one trial of one epoch through ``python -m hpo.run`` on a tiny data set of its shape.
 
-CIFAR-10 studies get a few real images per class from the shared archive; the other datasets, which
-cannot be had offline, get generated images of their channels, size and class count; pretrained weights,
+CIFAR-10 studies get a few generated JPEGs per class; the other datasets, which cannot be had offline, get
+generated images of their channels, size and class count; pretrained weights,
 which cannot be had offline either, a seeded stand-in (``stand_in_torch_home``).
 """
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from conftest import image_folder
 from hpo.run import main
 from hpo.studyfile.names import DATASETS
-from hpo.studyfile.spec import DataSection, load_spec
-from hpo.training.datasets import load_dataset
+from hpo.studyfile.spec import load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -37,18 +37,11 @@ def _save(root: Path, split: str, label: str, name: str, pixels: torch.Tensor) -
 
 
 @pytest.fixture(scope="session")
-def cifar_tiny(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """5 training and 1 test image per class of the real CIFAR-10, as an image folder."""
-    dataset = load_dataset(DataSection(data_dir=str(archive)))
-    root = tmp_path_factory.mktemp("cifar10-tiny")
-    for split, images, labels, count in (
-        ("train", dataset.train_images, dataset.train_labels, 5),
-        ("test", dataset.test_images, dataset.test_labels, 1),
-    ):
-        for label, name in enumerate(dataset.classes):
-            for index in (labels == label).nonzero()[:count, 0].tolist():
-                _save(root, split, name, str(index), images[index])
-    return root
+def cifar_tiny(jpegs: list[bytes], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5 training and 1 test image per class, 10 classes of generated 32 px JPEGs, as an image folder: CIFAR-10's
+    shape (a study runs on it; what it learns is not checked here)."""
+    names = tuple(f"class{k}" for k in range(10))
+    return image_folder(tmp_path_factory.mktemp("cifar10-tiny"), jpegs, per_class=5, classes=names)
 
 
 def _generated(root: Path, *, classes: int, channels: int, size: int, per_class: int) -> Path:

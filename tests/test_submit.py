@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -51,12 +49,18 @@ def test_bad_input_is_one_line_and_exit_code_2(argv: list[str], message: str, ca
     assert len(err.strip().splitlines()) == 1 and "secret" not in err
 
 
+def _no_storage_check(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A server URL that hpo.submit takes without reaching it: what these tests check comes before any worker runs."""
+    import hpo.tuning.storage
+
+    monkeypatch.setattr(hpo.tuning.storage, "check_storage", lambda url, source: None)
+    return "postgresql+psycopg2://hpo:secret@db.example:5432/hpo"
+
+
 def test_queued_arguments_name_files_absolutely_and_leave_the_storage_to_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = os.environ.get("HPO_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("HPO_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+    url = _no_storage_check(monkeypatch)
     monkeypatch.chdir(tmp_path)
     queued = queued_run(["--study", "quick", f"--storage={url}", "--n-trials", "4", "--checkpoint-dir", "ck"])
     assert queued.storage_url == url
@@ -68,21 +72,15 @@ def test_queued_arguments_name_files_absolutely_and_leave_the_storage_to_the_env
     assert study.is_absolute() and study.name == "quick.toml" and study.is_file()
 
 
-def test_no_sbatch_here_is_exit_code_3(tmp_path: Path) -> None:
-    url = os.environ.get("HPO_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("HPO_TEST_POSTGRES_URL is not set (.ci/run sets it)")
-    # A PATH with this Python but without sbatch.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    env = dict(os.environ, PATH=str(bin_dir), HPO_STORAGE=url)
-    done = subprocess.run(
-        [sys.executable, "-m", "hpo.submit", "slurm", "--workers", "2", "--log-dir", str(tmp_path / "logs"), "--",
-         "--study", "quick", "--n-trials", "4"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
-    )
-    assert done.returncode == 3, done.stderr
-    assert done.stderr == "hpo.submit: error: sbatch not found: run hpo.submit on a Slurm login node\n"
+def test_no_sbatch_here_is_exit_code_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HPO_STORAGE", _no_storage_check(monkeypatch))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
+    monkeypatch.chdir(tmp_path)
+    code = main(["slurm", "--workers", "2", "--log-dir", str(tmp_path / "logs"), "--", "--study", "quick", "--n-trials", "4"])
+    assert code == 3
+    assert capsys.readouterr().err == "hpo.submit: error: sbatch not found: run hpo.submit on a Slurm login node\n"
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["slurm", "--help"]])

@@ -71,9 +71,9 @@ def _assert_exact_budget(url: str, name: str, budget: int) -> list[optuna.trial.
 
 
 @pytest.mark.parametrize("storage", ["sqlite", "postgresql", "mariadb"])
-def test_four_workers_finish_exactly_the_budget(tmp_path: Path, archive: Path, study_name: str, storage: str) -> None:
+def test_four_workers_finish_exactly_the_budget(tmp_path: Path, image_archive: Path, study_name: str, storage: str) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}" if storage == "sqlite" else server_url(storage)
-    study_file = write_study(tmp_path, archive=archive, name=study_name, max_epochs=1)
+    study_file = write_study(tmp_path, archive=image_archive, name=study_name, max_epochs=1)
     try:
         launcher = _hpo(study_file, url, 40, "--workers-per-gpu", "4", "--quiet")
         out, _ = launcher.communicate(timeout=300)
@@ -89,9 +89,9 @@ def test_four_workers_finish_exactly_the_budget(tmp_path: Path, archive: Path, s
         _cleanup(url, study_name)
 
 
-def test_killed_worker_is_reaped_retried_and_resumed(tmp_path: Path, archive: Path, study_name: str) -> None:
+def test_killed_worker_is_reaped_retried_and_resumed(tmp_path: Path, image_archive: Path, study_name: str) -> None:
     url = server_url("postgresql")
-    study_file = write_study(tmp_path, archive=archive, name=study_name, max_epochs=4, train_subset=1500)
+    study_file = write_study(tmp_path, archive=image_archive, name=study_name, max_epochs=4, train_subset=1500)
     common = ("--heartbeat-interval", "1", "--grace-period", "3", "--checkpoint-dir", str(tmp_path / "ckpt"), "--quiet")
     workers = [_hpo(study_file, url, 4, *common) for _ in range(2)]
     try:
@@ -126,10 +126,10 @@ def test_killed_worker_is_reaped_retried_and_resumed(tmp_path: Path, archive: Pa
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_stopped_worker_leaves_nothing_running_and_resumes(
-    tmp_path: Path, archive: Path, signum: int, code: int
+    tmp_path: Path, image_archive: Path, signum: int, code: int
 ) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    study_file = write_study(tmp_path, archive=archive, max_epochs=4, train_subset=1500)
+    study_file = write_study(tmp_path, archive=image_archive, max_epochs=4, train_subset=1500)
     worker = _hpo(study_file, url, 2, "--quiet")
     victim = _freeze_mid_trial(url, "tiny", lambda t: worker.pid)
     worker.send_signal(signum)  # pending until the worker runs again: then it lands in the middle of the trial
@@ -148,9 +148,9 @@ def test_stopped_worker_leaves_nothing_running_and_resumes(
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 1
 
 
-def test_sigterm_to_the_launcher_stops_every_worker(tmp_path: Path, archive: Path) -> None:
+def test_sigterm_to_the_launcher_stops_every_worker(tmp_path: Path, image_archive: Path) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    study_file = write_study(tmp_path, archive=archive, max_epochs=4, train_subset=1500)
+    study_file = write_study(tmp_path, archive=image_archive, max_epochs=4, train_subset=1500)
     launcher = _hpo(study_file, url, 20, "--workers-per-gpu", "2", "--quiet")
     wait_for(lambda: running_with_epochs(url, "tiny"), 120, "a running trial with a reported epoch")
     launcher.send_signal(signal.SIGTERM)
@@ -175,14 +175,14 @@ def _fail_first_trial(monkeypatch: pytest.MonkeyPatch, make_failure: Callable[..
 
 
 def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(
-    tmp_path: Path, archive: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, image_archive: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def oom(*args: object, **kwargs: object) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     _fail_first_trial(monkeypatch, oom)
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    assert main(["--study", str(write_study(tmp_path, archive=archive, max_epochs=1)), "--n-trials", "2", "--storage", url, "--quiet"]) == 0
+    assert main(["--study", str(write_study(tmp_path, archive=image_archive, max_epochs=1)), "--n-trials", "2", "--storage", url, "--quiet"]) == 0
     trials = optuna.load_study(study_name="tiny", storage=url).trials
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_reason"] == "cuda_oom"
     # Optuna >= 5 has Trial.set_constraint: the sampler is told the point is infeasible; before, nothing is stored.
@@ -192,7 +192,7 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(
 
 
 def test_non_finite_loss_prunes_as_diverged_and_the_worker_goes_on(
-    tmp_path: Path, archive: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, image_archive: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def diverge(model, data, config, on_epoch_end, *, real_fit, **kwargs):  # type: ignore[no-untyped-def]
         import dataclasses
@@ -201,7 +201,7 @@ def test_non_finite_loss_prunes_as_diverged_and_the_worker_goes_on(
 
     _fail_first_trial(monkeypatch, diverge)
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    assert main(["--study", str(write_study(tmp_path, archive=archive, max_epochs=2)), "--n-trials", "2", "--storage", url, "--quiet"]) == 0
+    assert main(["--study", str(write_study(tmp_path, archive=image_archive, max_epochs=2)), "--n-trials", "2", "--storage", url, "--quiet"]) == 0
     trials = optuna.load_study(study_name="tiny", storage=url).trials
     assert trials[0].state == TrialState.PRUNED
     assert trials[0].user_attrs["pruned_reason"] == "diverged: non-finite loss at epoch 1"

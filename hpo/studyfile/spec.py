@@ -8,6 +8,7 @@ is accepted only if it is a field of that dataclass.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import re
 import tomllib
 import types
@@ -128,8 +129,9 @@ class TrainSection:
     # torch.compile the model. Off by default: every trial pays the compile time again, which
     # faster epochs must repay; bench/throughput.py --compile measures both ways.
     compile: bool = False
-    # Autocast: "auto" is bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere.
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # Autocast: "auto" is bf16 where the device has it natively (CUDA compute capability 8.0 and up, CPUs
+    # with AVX-512 BF16 or AMX), fp16 with gradient scaling on older CUDA GPUs (T4, V100), fp32 elsewhere.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
@@ -387,9 +389,18 @@ def load_spec(path: Path) -> StudySpec:
     )
 
 
+def shipped_studies() -> Path:
+    """The study files that come with hpo: studies/ at the top of a source checkout (an editable install too), else
+    hpo/studies/ inside the installed package, where the wheel carries them as package data (pyproject.toml)."""
+    root = Path(__file__).resolve().parents[2]  # hpo/studyfile/spec.py → the repository root, or site-packages
+    if (root / "pyproject.toml").is_file() and (root / "studies").is_dir():
+        return root / "studies"
+    return Path(str(importlib.resources.files("hpo").joinpath("studies")))  # pip installs files: a real path
+
+
 def studies_dirs() -> tuple[Path, ...]:
-    """Where ``--study NAME`` looks: ./studies, then the studies/ folder shipped beside the package."""
-    shipped = Path(__file__).resolve().parents[2] / "studies"  # hpo/studyfile/spec.py → the repository root
+    """Where ``--study NAME`` looks: ./studies, then the study files shipped with hpo."""
+    shipped = shipped_studies()
     local = Path("studies").resolve()
     return (local,) if local == shipped else (local, shipped)
 

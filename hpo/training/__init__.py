@@ -13,7 +13,7 @@
   freezing a backbone
 - ``config``:       ``TrainConfig`` (into the loop) and ``EpochResult`` (out of it, per epoch)
 - ``fit``:          THE training loop ``fit``; ``evaluate``; epoch checkpoints
-- ``device``:       the device a study asks for, checked here; its name; bf16 by capability
+- ``device``:       the device a study asks for, checked here; its name; the autocast precision by capability
 - ``recipe``:       what a trial, its replay and its retraining share: seed, model, config, score, best epoch
 
 May import: ``hpo.errors``, ``hpo.studyfile``.

@@ -17,7 +17,7 @@ class TrainConfig:
     seed: int
     device: torch.device
     compile: bool = False
-    precision: str = "auto"  # auto, bf16 or fp32: see uses_bf16
+    precision: str = "auto"  # auto, bf16, fp16 or fp32: see hpo.training.device.choose_precision
 
 
 @dataclass(frozen=True)

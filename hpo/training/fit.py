@@ -2,8 +2,9 @@
 
 Data stays on the device; each step gathers, augments and normalizes its batch there.  Losses and
 correct counts accumulate in device tensors and are read once per epoch, so the host never waits
-on the GPU inside an epoch.  Activations are channels_last; the forward pass runs in bf16 autocast
-on CUDA and on CPUs with native bf16 (``[train] precision = "auto"``), otherwise in fp32.
+on the GPU inside an epoch.  Activations are channels_last; the forward pass runs in the autocast
+precision ``[train] precision`` means on the device (``"auto"``: bf16 where native, fp16 with gradient
+scaling on older CUDA GPUs, fp32 elsewhere: :func:`hpo.training.device.choose_precision`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from hpo.training.batches import Batch, Loss, Normalizer, eval_batches, steps_per_epoch, training_batches
 from hpo.training.config import EpochResult, TrainConfig
-from hpo.training.device import uses_bf16
+from hpo.training.device import Precision, precision_for
 from hpo.training.optimization import Schedule, freeze_backbone, make_loss, make_optimizer, make_schedule
 from hpo.training.splits import SearchData, Split
 
@@ -46,6 +47,7 @@ class Checkpoint:
     optimizer: dict[str, object]
     generator: torch.Tensor  # the shuffling/augmentation RNG state
     schedule: dict[str, object] = dataclasses.field(default_factory=dict)  # the LR scheduler's state; {} without one
+    scaler: dict[str, object] = dataclasses.field(default_factory=dict)  # fp16's GradScaler state; {} without one
 
     @property
     def epoch(self) -> int:
@@ -63,12 +65,13 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
         optimizer=blob["optimizer"],
         generator=blob["generator"],
         schedule=blob.get("schedule", {}),
+        scaler=blob.get("scaler", {}),
     )
 
 
 def _save_checkpoint(
     path: Path, *, epochs: list[EpochResult], model: nn.Module, optimizer: torch.optim.Optimizer,
-    schedule: Schedule, generator: torch.Generator,
+    schedule: Schedule, generator: torch.Generator, scaler: torch.amp.GradScaler,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
@@ -77,6 +80,7 @@ def _save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "generator": generator.get_state(),
+        "scaler": scaler.state_dict(),  # {} when disabled (every precision but fp16)
     }
     # Write then rename: a worker killed mid-write leaves the previous epoch's checkpoint intact.
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
@@ -84,9 +88,18 @@ def _save_checkpoint(
     partial.replace(path)
 
 
-def _autocast(device: torch.device, bf16: bool) -> torch.autocast:
-    # bf16 keeps fp32's exponent range, so no loss scaling is needed.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device: torch.device, precision: Precision) -> torch.autocast:
+    dtype = _AUTOCAST_DTYPES.get(precision, torch.bfloat16)  # fp32: disabled, the dtype unused
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision != "fp32")
+
+
+def _grad_scaler(device: torch.device, precision: Precision) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling (its 5-bit exponent flushes small gradients to zero); bf16 keeps fp32's exponent
+    range and fp32 is fp32, so for them the scaler is disabled and passes the loss and step through unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def _sync(device: torch.device) -> None:
@@ -96,14 +109,14 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: Split, normalize: Normalizer, device: torch.device, *, bf16: bool = False
+    model: nn.Module, split: Split, normalize: Normalizer, device: torch.device, *, precision: Precision = "fp32"
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over ``split``, in bf16 autocast if asked; one host read at the end."""
+    """(mean cross-entropy, accuracy) over ``split``, in ``precision``'s autocast; one host read at the end."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for images, labels in eval_batches(split, batch_size=EVAL_BATCH_SIZE):
-        with _autocast(device, bf16):
+        with _autocast(device, precision):
             logits = model(normalize(images))
         loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
@@ -113,18 +126,21 @@ def evaluate(
 
 def _train_epoch(
     step_model: nn.Module, batches: Iterator[Batch], *, criterion: Loss, optimizer: torch.optim.Optimizer,
-    schedule: Schedule, device: torch.device, bf16: bool,
+    schedule: Schedule, device: torch.device, precision: Precision, scaler: torch.amp.GradScaler,
 ) -> tuple[float, int]:
     """One pass over ``batches``: (mean training loss, images seen); the loss is read from the device once."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     seen = 0
     for batch in batches:
-        with _autocast(device, bf16):
+        with _autocast(device, precision):
             logits = step_model(batch.inputs)
         loss = batch.loss(criterion, logits.float())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        # A disabled scaler (every precision but fp16) is loss.backward() and optimizer.step(); an enabled one
+        # skips the step of a batch whose scaled gradients overflowed and lowers the scale.
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.after_step()
         loss_sum += loss.detach() * batch.labels.shape[0]
         seen += batch.labels.shape[0]
@@ -143,7 +159,8 @@ class _Training:
     criterion: Loss
     normalize: Normalizer
     generator: torch.Generator  # shuffling and augmentation
-    bf16: bool
+    precision: Precision  # the autocast precision: precision_for(config.precision, device)
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
 
     @classmethod
     def start(cls, model: nn.Module, data: SearchData, config: TrainConfig, resume: Checkpoint | None) -> _Training:
@@ -153,6 +170,7 @@ class _Training:
         model = model.to(device=device, memory_format=torch.channels_last)
         optimizer = make_optimizer(model, config)
         steps = steps_per_epoch(len(data.train), config.hp.batch_size)
+        precision = precision_for(config.precision, device)
         training = cls(
             model=model,
             # The compiled module shares its parameters with ``model``; state dicts stay those of ``model``.
@@ -162,13 +180,16 @@ class _Training:
             criterion=make_loss(model, config, data.train.labels, data.num_classes),
             normalize=Normalizer(mean=data.mean, std=data.std, device=device),
             generator=torch.Generator(device=device).manual_seed(config.seed),
-            bf16=uses_bf16(config.precision, device),
+            precision=precision,
+            scaler=_grad_scaler(device, precision),
         )
         if resume is not None:
             model.load_state_dict(resume.model)
             optimizer.load_state_dict(resume.optimizer)
             training.schedule.load_state_dict(resume.schedule)
             training.generator.set_state(resume.generator)
+            if resume.scaler:
+                training.scaler.load_state_dict(resume.scaler)
         return training
 
     def epoch(self, epoch: int, data: SearchData, config: TrainConfig, *, evaluate_val: bool) -> EpochResult:
@@ -181,12 +202,14 @@ class _Training:
         batches = training_batches(data.train, config, generator=self.generator, normalize=self.normalize, epoch=epoch)
         train_loss, seen = _train_epoch(
             self.step_model, batches, criterion=self.criterion, optimizer=self.optimizer, schedule=self.schedule,
-            device=device, bf16=self.bf16,
+            device=device, precision=self.precision, scaler=self.scaler,
         )
         train_seconds = time.perf_counter() - start
         val_loss, val_accuracy = math.nan, math.nan
         if evaluate_val:
-            val_loss, val_accuracy = evaluate(self.step_model, data.val, self.normalize, device, bf16=self.bf16)
+            val_loss, val_accuracy = evaluate(
+                self.step_model, data.val, self.normalize, device, precision=self.precision
+            )
         _sync(device)
         return EpochResult(
             epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_accuracy=val_accuracy,
@@ -197,7 +220,7 @@ class _Training:
     def save(self, path: Path, epochs: list[EpochResult]) -> None:
         _save_checkpoint(
             path, epochs=epochs, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
-            generator=self.generator,
+            generator=self.generator, scaler=self.scaler,
         )
 
 

@@ -32,7 +32,7 @@ from hpo.studyfile.space import (
 )
 from hpo.studyfile.spec import StudySpec
 from hpo.training.config import EpochResult
-from hpo.training.device import device_name
+from hpo.training.device import device_name, precision_for
 from hpo.training.fit import Checkpoint, fit, load_checkpoint
 from hpo.training.models import count_parameters
 from hpo.training.recipe import best_epoch, score, seeded_model, train_config, trial_seed
@@ -199,6 +199,11 @@ class Objective:
         self.on_epoch = on_epoch
         self.on_pruned = on_pruned
         self.host = socket.gethostname()
+        # The autocast precision [train] precision means on this device; stored with every trial as "precision".
+        self.precision = precision_for(spec.train.precision, device)
+        logger.info(
+            "training in %s on %s ([train] precision = %r)", self.precision, device_name(device), spec.train.precision
+        )
         self._study_id: int | None = None
         self._checkpoints: dict[int, Path] = {}  # trial number → its checkpoint, until the trial ends
 
@@ -285,7 +290,7 @@ class TrialRun:
         model = seeded_model(objective.spec, self.hp, objective.data, self.seed)
         self.recorder.set(
             seed=self.seed, params=count_parameters(model), device=device_name(objective.device), host=objective.host,
-            pid=os.getpid(),
+            pid=os.getpid(), precision=objective.precision,
         )
         self._resumed()
         config = train_config(objective.spec, self.hp, seed=self.seed, device=objective.device)
