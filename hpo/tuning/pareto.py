@@ -93,3 +93,11 @@ def objective_names(study: optuna.Study) -> list[str]:
 def values_text(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
     """"val_loss 0.9123, params 12345" for a complete trial."""
     return ", ".join(f"{name} {value:.6g}" for name, value in zip(objective_names(study), trial.values or ()))
+
+
+def curve(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+    """The trial's first objective per epoch: its intermediate values, or in a multi-objective study its curve attr."""
+    if trial.intermediate_values:
+        return dict(trial.intermediate_values)
+    values = trial.user_attrs.get(CURVE_ATTR)
+    return {epoch: float(v) for epoch, v in enumerate(values, start=1)} if isinstance(values, list) else {}
