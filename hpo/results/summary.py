@@ -144,7 +144,8 @@ def front_lines(summary: Summary) -> list[str]:
     shown = ", ".join(f"{name} ({direction})" for name, direction in zip(summary.objectives, summary.directions))
     if not summary.front:
         return [f"Objectives: {shown}", "Pareto front: no completed feasible trial yet."]
-    lines = [f"Objectives: {shown}", f"Pareto front: {len(summary.front)} trials (complete, feasible, dominated by none)"]
+    count = f"{len(summary.front)} trial{'s' if len(summary.front) > 1 else ''}"
+    lines = [f"Objectives: {shown}", f"Pareto front: {count} (complete, feasible, dominated by none)"]
     for trial in summary.front:
         lines.append(f"  {front_member_text(trial)}")
         lines.append("      " + ", ".join(f"{name}={format_value(value)}" for name, value in trial.params.items()))

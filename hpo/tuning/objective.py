@@ -253,7 +253,10 @@ class Objective:
         """A multi-objective trial's twin in the curves study, linked both ways by user attrs."""
         if self._curves is None:
             self._curves = open_curves_study(self.spec, trial.storage)
-        twin = self._curves.ask()
+        with warnings.catch_warnings():
+            # Optuna's heartbeat thread belongs to study.optimize; the worker's Heartbeat beats for the trial, not its twin.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            twin = self._curves.ask()
         twin.set_user_attr(TWIN_OF_ATTR, trial.number)
         trial.set_user_attr(CURVE_TRIAL_ATTR, twin.number)
         return twin
