@@ -76,11 +76,16 @@ def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 
 def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The complete, feasible trials no other such trial dominates, by number (Optuna's ``best_trials``
-    when the sampler reads the constraints; also right with one that does not)."""
-    signs = [direction_sign(d.name.lower()) for d in study.directions]
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
-    points = [[s * v for s, v in zip(signs, t.values)] for t in trials]
-    front = [t for t, p in zip(trials, points) if not any(_dominates(q, p) for q in points)]
+    when the constraints are recorded where Optuna reads them; also right when they are not)."""
+    return front_of(study.get_trials(deepcopy=False), [d.name.lower() for d in study.directions])
+
+
+def front_of(trials: Sequence[optuna.trial.FrozenTrial], directions: Sequence[str]) -> list[optuna.trial.FrozenTrial]:
+    """The Pareto front of ``trials`` (their complete, feasible ones dominated by none), by number."""
+    signs = [direction_sign(d) for d in directions]
+    candidates = [t for t in trials if t.state == TrialState.COMPLETE and feasible(t)]
+    points = [[s * v for s, v in zip(signs, t.values)] for t in candidates]
+    front = [t for t, p in zip(candidates, points) if not any(_dominates(q, p) for q in points)]
     return sorted(front, key=lambda t: t.number)
 
 
