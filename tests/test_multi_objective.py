@@ -4,8 +4,10 @@ front, pruning through the curves study, and the front wherever the user looks."
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import optuna
@@ -245,3 +247,35 @@ def test_a_multi_objective_study_prunes_skips_infeasible_trials_and_reports_its_
     assert "Pareto front:" in out and f"  #{front[0]}: val_loss " in out
     saved = retrain(study, front[0], study_file=study_file)  # hpo.best --trial N on a front member
     assert saved.trial == front[0] and saved.epochs == 2
+
+
+def test_the_benchs_hypervolume_matches_a_hand_computed_area(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("bench_pareto", Path(__file__).resolve().parent.parent / "bench" / "pareto.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_pareto", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    # (1, 3) and (2, 1) against (4, 4): the strip x in [1, 4] above y = 3 (3 x 1) plus x in [2, 4] for y in [1, 3] (2 x 2).
+    assert bench.hypervolume_2d([(1.0, 3.0), (2.0, 1.0)], (4.0, 4.0)) == 7.0
+    # A dominated point and one beyond the reference add nothing.
+    assert bench.hypervolume_2d([(1.0, 3.0), (2.0, 1.0), (3.0, 3.5), (5.0, 0.5)], (4.0, 4.0)) == 7.0
+    assert bench.hypervolume_2d([], (4.0, 4.0)) == 0.0
+
+
+def test_a_stored_study_resumes_only_with_the_same_objectives(tmp_path: Path) -> None:
+    from hpo.errors import StorageError
+    from hpo.studyfile.spec import load_spec
+    from hpo.tuning.study import open_study
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'hpo.db'}")
+    path = tmp_path / "s.toml"
+    path.write_text('[study]\nname = "s"\nobjectives = ["val_loss", "params"]\n')
+    study = open_study(load_spec(path), storage)
+    assert study.metric_names == ["val_loss", "params"] and len(study.directions) == 2
+    assert isinstance(study.pruner, optuna.pruners.NopPruner), "the curves study prunes, not this one"
+    path.write_text('[study]\nname = "s"\nobjectives = ["val_loss", "macs"]\n')  # the same directions
+    with pytest.raises(StorageError, match=r"already exists with objectives \['val_loss', 'params'\], not \['val_loss', 'macs'\]"):
+        open_study(load_spec(path), storage)
+    path.write_text('[study]\nname = "s"\nmetric = "val_loss"\n')
+    with pytest.raises(StorageError, match=r"already exists with directions \['minimize', 'minimize'\], not \['minimize'\]"):
+        open_study(load_spec(path), storage)

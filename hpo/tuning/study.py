@@ -171,6 +171,13 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker
         pruner=create_pruner(spec) if len(directions) == 1 else optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
+    stored_names = study.metric_names
+    if found is not None and stored_names is not None and len(stored_names) > 1 and stored_names != list(spec.study.objectives):
+        # Same directions, other objectives (params for macs, say): the stored values would mean something else.
+        raise StorageError(
+            f"{spec.path}: [study] study {spec.study.name!r} already exists with objectives {stored_names!r}, not "
+            f"{list(spec.study.objectives)!r}; choose another name (--study-name)"
+        )
     study.set_metric_names(list(spec.study.objectives))  # the dashboard's names for the objectives
     if stored_model is None:
         study.set_user_attr(MODEL_ATTR, spec.model.name)
