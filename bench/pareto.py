@@ -23,23 +23,23 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import logging
 import statistics
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import optuna  # noqa: E402
+from search import add_spec_flags, base_spec  # noqa: E402
 
 from hpo.launching.run_args import RunRequest, SearchSettings  # noqa: E402
 from hpo.launching.session import run_search  # noqa: E402
 from hpo.studyfile.samplers import NopPrunerSpec  # noqa: E402
-from hpo.studyfile.spec import OBJECTIVES, Overrides, StudySpec, find_study, load_spec  # noqa: E402
+from hpo.studyfile.spec import OBJECTIVES, Overrides, StudySpec  # noqa: E402
 from hpo.tuning.budget import FINISHED_STATES  # noqa: E402
 from hpo.tuning.pareto import curve, curves_study_name, front_of  # noqa: E402
 
@@ -139,18 +139,13 @@ def write_csv(path: Path, runs: list[Run]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", default="quick", help="study file: a name in studies/ or a path (default: quick)")
-    parser.add_argument("--data", required=True, help="dataset folder or .tar.gz archive ([data] data_dir)")
+    add_spec_flags(parser)  # bench/search.py's --study, --data, --max-epochs, --train-subset, --val-subset, --device
     parser.add_argument("--objectives", nargs=2, default=["val_loss", "params"], metavar="NAME",
                         help="two minimized objectives, the first val_loss (default: val_loss params)")
     parser.add_argument("--reference", nargs=2, type=float, default=list(DEFAULT_REFERENCE), metavar="VALUE",
                         help=f"hypervolume reference point (default: {DEFAULT_REFERENCE[0]:g} {DEFAULT_REFERENCE[1]:.0f})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="study seeds, one run each (default: 0 1 2)")
     parser.add_argument("--budget", type=float, default=90.0, help="wall-clock seconds per run (default: 90)")
-    parser.add_argument("--max-epochs", type=int, help="epochs per trial (default: the study file's)")
-    parser.add_argument("--train-subset", type=int, help="training images (default: the study file's)")
-    parser.add_argument("--val-subset", type=int, help="validation images (default: the study file's)")
-    parser.add_argument("--device", default="cpu", help="device for every run (default: cpu)")
     parser.add_argument("--out", default="bench-pareto", help="folder for runs.csv and bench.db (default: bench-pareto/)")
     args = parser.parse_args(argv)
     if args.objectives[0] != "val_loss" or any(OBJECTIVES.get(name) != "minimize" for name in args.objectives):
@@ -160,16 +155,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    base = Overrides(data_dir=args.data, device=args.device, max_epochs=args.max_epochs).apply(load_spec(find_study(args.study)))
-    data = dataclasses.replace(
-        base.data,
-        train_subset=args.train_subset if args.train_subset is not None else base.data.train_subset,
-        val_subset=args.val_subset if args.val_subset is not None else base.data.val_subset,
-    )
-    base = dataclasses.replace(base, data=data)
+    base = base_spec(args)  # bench/search.py's: the same flags mean the same there
     Path(args.out).mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seeds:
