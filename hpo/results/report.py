@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import html
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,28 @@ def sections(study: optuna.Study, *, metric: str) -> list[Section]:
     return _single_objective_sections(study, metric=metric, target=None)
 
 
+def _importances(
+    study: optuna.Study, *, enough: bool, metric: str, target: Callable[[optuna.trial.FrozenTrial], float] | None
+) -> tuple[go.Figure | None, str | None]:
+    """The importances figure, or why not; ``enough``: 2 or more complete trials whose hyperparameters differ."""
+    import optuna
+    import optuna.visualization as vis
+
+    if not enough:
+        return None, "Needs at least 2 completed trials whose hyperparameters differ."
+    minimized = None
+    if target is not None:  # the first objective's value as minimized (a maximized one negated)
+        sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+        minimized = lambda t: sign * target(t)  # noqa: E731 (a target as Optuna's figures take it)
+    try:
+        with warnings.catch_warnings():
+            # Given a target, Optuna's evaluator warns that it rates what makes the target low: as wanted here.
+            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+            return vis.plot_param_importances(study, target_name=metric, target=minimized), None
+    except (RuntimeError, ValueError) as exc:  # e.g. a constant objective gives no variance to split
+        return None, f"Optuna could not compute importances: {exc}"
+
+
 def _single_objective_sections(
     study: optuna.Study, *, metric: str, target: Callable[[optuna.trial.FrozenTrial], float] | None
 ) -> list[Section]:
@@ -107,14 +130,6 @@ def _single_objective_sections(
     def when(problem: str | None, draw: Callable[[], go.Figure]) -> tuple[go.Figure | None, str | None]:
         return (None, problem) if problem else (draw(), None)
 
-    def importances() -> tuple[go.Figure | None, str | None]:
-        if len(complete) < 2 or not varying:
-            return None, "Needs at least 2 completed trials whose hyperparameters differ."
-        try:
-            return vis.plot_param_importances(study, target_name=metric, target=target), None
-        except (RuntimeError, ValueError) as exc:  # e.g. a constant objective gives no variance to split
-            return None, f"Optuna could not compute importances: {exc}"
-
     contour_problem = None
     absent = [name for name in CONTOUR_PARAMS if len(_searched_values(complete, name)) < 2]
     if absent:
@@ -128,7 +143,7 @@ def _single_objective_sections(
         ("Parallel coordinates", "Each completed trial is one line through its hyperparameters to its objective.",
          when(None if complete else no_complete, lambda: vis.plot_parallel_coordinate(study, target_name=metric, target=target))),
         ("Hyperparameter importances", "Share of the objective's variance each hyperparameter explains (fANOVA).",
-         importances()),
+         _importances(study, enough=len(complete) >= 2 and bool(varying), metric=metric, target=target)),
         ("Learning rate against batch size", "Contour of the objective over lr and batch_size.",
          when(contour_problem, lambda: vis.plot_contour(study, params=list(CONTOUR_PARAMS), target_name=metric, target=target))),
         ("Slices", "The objective against each hyperparameter separately.",

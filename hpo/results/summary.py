@@ -133,9 +133,14 @@ def best_text(summary: Summary) -> str:
     return f"#{best.number}: {summary.metric} {best.value:.4f}{accuracy}{epoch}"
 
 
+def _objective_text(value: float) -> str:
+    # Counts (params, macs) in full: 4 significant digits would print 14,426 parameters as 1.443e+04.
+    return str(int(value)) if float(value).is_integer() and abs(value) >= 1000 else f"{value:.4g}"
+
+
 def front_member_text(trial: FrontTrial) -> str:
-    """"#N: val_loss 0.9123, params 1.234e+04"."""
-    return f"#{trial.number}: " + ", ".join(f"{name} {value:.4g}" for name, value in trial.values.items())
+    """"#N: val_loss 0.9123, params 14426"."""
+    return f"#{trial.number}: " + ", ".join(f"{name} {_objective_text(value)}" for name, value in trial.values.items())
 
 
 def front_lines(summary: Summary) -> list[str]:
