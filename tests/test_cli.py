@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from conftest import image_folder, write_study
+from hpo.cli import EXIT_STORAGE_UNAVAILABLE
 from hpo.run import main
 
 
@@ -148,15 +150,48 @@ def test_psycopg_missing_names_its_pip_install(workdir: Path) -> None:
     assert done.stderr == f"hpo.run: error: --storage: driver 'psycopg' for {url} is not installed: pip install 'psycopg[binary]'\n"
 
 
-def test_unreachable_database_hides_the_password(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _waits_then_exits_75(capsys: pytest.CaptureFixture[str], argv: list[str], shown: str) -> str:
+    """A storage not reachable at start is waited for (--storage-patience), then one error line and exit 75."""
+    code = main([*argv, "--storage-patience", "1"])
+    err = capsys.readouterr().err
+    assert code == EXIT_STORAGE_UNAVAILABLE, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"hpo.run: error: storage {shown} unreachable for 1 s"), err
+    assert "(--storage-patience) while trying to connect: " in errors[0] and "Traceback" not in err
+    return err
+
+
+def test_unreachable_database_is_waited_for_and_hides_the_password(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = "postgresql+psycopg2://postgres:hunter2@127.0.0.1:1/test"
-    err = _fails(capsys, ["--study", "quick", "--n-trials", "2", "--storage", url], "--storage: cannot connect to", "postgres:***@127.0.0.1:1/test")
+    err = _waits_then_exits_75(
+        capsys, ["--study", "quick", "--n-trials", "2", "--storage", url],
+        "postgresql+psycopg2://postgres:***@127.0.0.1:1/test (from --storage)",
+    )
     assert "hunter2" not in err
+    assert not list(workdir.iterdir()), "nothing written"
 
 
 def test_storage_from_environment_is_named(workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HPO_STORAGE", "mysql+pymysql://root@127.0.0.1:1/test")
-    _fails(capsys, ["--study", "quick", "--n-trials", "2"], "HPO_STORAGE: cannot connect to mysql+pymysql://root@127.0.0.1:1/test")
+    _waits_then_exits_75(capsys, ["--study", "quick", "--n-trials", "2"], "mysql+pymysql://root@127.0.0.1:1/test (from HPO_STORAGE)")
+
+
+@pytest.mark.parametrize(
+    ("variable", "replace", "refusal"),
+    [
+        ("HPO_TEST_POSTGRES_URL", "/hpo_no_such_database", 'database "hpo_no_such_database" does not exist'),
+        ("HPO_TEST_MYSQL_URL", "/hpo_no_such_database", "Unknown database 'hpo_no_such_database'"),
+    ],
+)
+def test_a_server_that_refuses_at_start_is_one_line_at_once(
+    workdir: Path, capsys: pytest.CaptureFixture[str], variable: str, replace: str, refusal: str
+) -> None:
+    """A wrong database name is not an outage: no waiting (the default patience is 300 s), exit 2."""
+    server = os.environ.get(variable)
+    if not server:
+        pytest.skip(f"{variable} is not set")
+    url = server.rsplit("/", 1)[0] + replace
+    _fails(capsys, ["--study", "quick", "--n-trials", "2", "--storage", url], "--storage: cannot connect to", refusal)
 
 
 def test_missing_dataset_offline_says_where_it_looked(

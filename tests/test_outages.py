@@ -274,7 +274,7 @@ def test_a_trial_reaped_under_its_live_worker_is_skipped_and_its_retry_resumes(t
     try:
         victim = wait_for(lambda: running_with_epochs(url, "reaped"), 120, "a running trial with a reported epoch")
         assert isinstance(victim, optuna.trial.FrozenTrial)
-        from hpo.tuning.storage import retry_callback
+        from hpo.tuning.retry import retry_callback
 
         impatient = optuna.storages.RDBStorage(
             url, heartbeat_interval=1, grace_period=1, heartbeat_stale_trial_callback=retry_callback()
@@ -352,3 +352,25 @@ def test_workers_whose_sessions_default_to_different_time_zones_never_reap_each_
         trials = _assert_all_done(url, "zones", 6)
         assert not [t.number for t in trials if t.state == TrialState.FAIL], outputs
         assert "was ended" not in outputs and "while this worker" not in outputs
+
+
+def test_a_worker_started_before_its_database_waits_for_it_and_finishes(tmp_path: Path, archive: Path) -> None:
+    """A pod or job that starts before its database server (a Kubernetes Job beside a fresh PostgreSQL, a node
+    reboot): the start-up connection gets --storage-patience like an outage.  On the old main: exit 2 at once."""
+    problem = ThrowawayPostgres.available()
+    if problem:
+        pytest.skip(f"cannot start a throwaway PostgreSQL: {problem}")
+    server = ThrowawayPostgres().init()  # not started yet
+    study_file = write_study(tmp_path, archive=archive, name="late", max_epochs=1)
+    worker = Worker("--study", str(study_file), "--n-trials", "2", "--storage", server.url, *BEAT, "--quiet")
+    try:
+        worker.wait_for_line("unreachable", timeout=60)
+        server.start()
+        code = worker.wait(timeout=240)
+        _assert_all_done(server.url, "late", 2)
+    finally:
+        worker.kill()
+        server.destroy()
+    assert code == 0, worker.output
+    assert "Traceback" not in worker.output and "while trying to connect" in worker.output, worker.output
+    assert sum("is back after" in line for line in worker.lines) == 1, worker.output

@@ -245,7 +245,7 @@ def test_a_study_created_again_under_its_name_never_resumes_the_old_studys_weigh
     from hpo.training.splits import carve_validation
     from hpo.tuning.objective import Objective
     from hpo.tuning.outage import StorageGuard
-    from hpo.tuning.storage import retry_callback
+    from hpo.tuning.retry import retry_callback
     from hpo.tuning.worker import run_worker
 
     spec = load_spec(_study_file(tmp_path, pictures, '["sgd"]'))

@@ -73,8 +73,8 @@ def test_incomplete_or_fractional_ranges_are_rejected(bad: dict) -> None:
 
 
 def test_the_readme_table_is_the_declaration() -> None:
-    """The README's hyperparameter table is hpo.space.readme_table() verbatim: regenerate it after a change."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    """docs/study-files.md's hyperparameter table is hpo.space.readme_table() verbatim: regenerate it after a change."""
+    readme = (Path(__file__).parents[1] / "docs" / "study-files.md").read_text(encoding="utf-8")
     header = readme_table().splitlines()[0]
     assert header in readme
     start = readme.index(header)

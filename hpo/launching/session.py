@@ -173,7 +173,8 @@ def _check(request: RunRequest, file_spec: StudySpec | None, data: ArrayData | N
     spec = overrides.apply(file_spec if file_spec is not None else load_spec(find_study(request.study)))
     grace_period = settings.effective_grace_period()
     storage_url, storage_source = resolve_storage(settings.storage)
-    check_storage(storage_url, storage_source)
+    # A server still starting (a pod beside its database) is waited for, as an outage is.
+    check_storage(storage_url, storage_source, patience=settings.storage_patience)
     gpus = _launch_plan(overrides, settings, storage_url)
     device = None
     if gpus is None:
@@ -288,6 +289,7 @@ def _objective(
         spec=spec, data=search_data.to(device), device=device, checkpoint_dir=checked.checkpoint_dir, guard=guard,
         budget=settings.n_trials, on_epoch=listeners.on_epoch, on_pruned=write_pruning_note, on_progress=clock.touch,
         takeover_after=max(1.0, checked.grace_period - settings.heartbeat_interval),
+        silent_for=lambda: max(guard.down_for(), clock.silence()),
     )
 
 

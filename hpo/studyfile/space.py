@@ -14,7 +14,7 @@ A hyperparameter missing from ``[space]`` keeps its default.
 To add a hyperparameter, declare it as a field of :class:`Hyperparameters` (type, default, domain,
 one-line description, the models it shapes, the condition under which it applies), write the code
 that acts on it (reading ``hp.<name>`` in hpo.training) and a reach test, and regenerate
-the README table with :func:`readme_table`.
+the table in docs/study-files.md with :func:`readme_table`.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class Hyperparameters:
     """One trial's configuration, and THE declaration of every hyperparameter.
 
     Each field's name, type, default, domain, description, models and condition are declared here
-    and nowhere else: the study file's schema and errors, ``trial.suggest_*``, the README table and
+    and nowhere else: the study file's schema and errors, ``trial.suggest_*``, the docs table and
     what reaches the model, optimizer, loss and batches all follow from it.
     """
 
@@ -290,7 +290,7 @@ def _shown(value: Value) -> str:
 
 
 def readme_table() -> str:
-    """The README's hyperparameter table, generated from the declaration (a test keeps the README in step)."""
+    """docs/study-files.md's hyperparameter table, generated from the declaration (tests/test_space.py keeps it in step)."""
     lines = ["| hyperparameter | type | default | models | meaning |", "| --- | --- | --- | --- | --- |"]
     for param in PARAMETERS.values():
         meaning = param.help

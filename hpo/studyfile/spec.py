@@ -1,7 +1,7 @@
 """Study files: TOML in, frozen dataclasses out, validated before anything trains or touches storage.
 
 Every error names the file, the table and the key, and echoes the bad value.  The sections and
-keys are documented in the README ("Study files"); each section is one dataclass below, and a key
+keys are documented in docs/study-files.md; each section is one dataclass below, and a key
 is accepted only if it is a field of that dataclass.
 """
 
@@ -438,7 +438,7 @@ def load_spec(path: Path) -> StudySpec:
         if not isinstance(value, dict):
             raise SpecError(f"{path}: {key} must be a table [{key}], got {value!r}")
     train = _build(TrainSection, raw.get("train", {}), f"{path}: [train]")
-    # Without a [pruner] table: successive halving, the winner of bench/search.py (README, "Choosing sampler and pruner").
+    # Without a [pruner] table: successive halving, the winner of bench/search.py (docs/benchmarks.md, "Choosing sampler and pruner").
     # Hyperband's max_resource, when not given, is filled in from max_epochs when the pruner is made
     # (hpo.tuning.study), after --max-epochs has replaced the file's.
     pruner = _typed_section(PRUNERS, {"type": DEFAULT_PRUNER, **raw.get("pruner", {})}, f"{path}: [pruner]")

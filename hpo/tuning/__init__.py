@@ -6,6 +6,7 @@
 - ``objective``: params → model → fit → report every epoch → prune (``Objective``, one ``TrialRun`` per trial)
 - ``worker``:    one worker's ask-and-tell loop until the budget is met; clean stops on signals
 - ``heartbeat``: the running trial's heartbeat thread, and the reaper of trials whose worker died
+- ``retry``:     re-queuing ended trials: failures use up retries, interruptions do not
 - ``outage``:    storage calls that wait out an outage; start-up races absorbed
 - ``notes``:     the notes optuna-dashboard shows on pruned trials
 

@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.tuning.outage import StorageGuard, reason
-from hpo.tuning.storage import retry_callback
+from hpo.tuning.retry import retry_callback
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,27 @@ class ProgressClock:
     def __init__(self) -> None:
         self.last = time.monotonic()
         self.longest_epoch = 0.0  # seconds
+        self.last_beat: float | None = None  # monotonic s of the trial's last heartbeat; None before its first
+        self.longest_silence = 0.0  # seconds: the longest gap between two heartbeats of the trial
+
+    def beat(self, *, first: bool = False) -> None:
+        """A heartbeat was written; ``first``: the first of a new trial."""
+        now = time.monotonic()
+        if first or self.last_beat is None:
+            self.longest_silence = 0.0
+        else:
+            self.longest_silence = max(self.longest_silence, now - self.last_beat)
+        self.last_beat = now
+
+    def silence(self) -> float:
+        """The longest time the running trial has gone without a heartbeat, including now (seconds).
+
+        Kept once it happened: a process frozen (SIGSTOP, a Slurm suspend, a paused VM) beats again the
+        moment it thaws, before its trial's thread can ask whether someone took the trial over meanwhile.
+        """
+        if self.last_beat is None:
+            return 0.0
+        return max(self.longest_silence, time.monotonic() - self.last_beat)
 
     def touch(self, epoch_seconds: float = 0.0) -> None:
         self.last = time.monotonic()
@@ -92,6 +113,8 @@ class Heartbeat(_StoppableThread):
             except Exception as exc:  # not an outage, but the trial must go on; the next beat tries again
                 logger.warning("heartbeat failed: %s", reason(exc))
                 beaten = False
+            if beaten and self.clock is not None:
+                self.clock.beat()
             if self._stop_event.wait(self.interval if beaten else min(self.interval, HEARTBEAT_RETRY_S)):
                 return
 
@@ -122,19 +145,25 @@ class Reaper(_StoppableThread):
     which have no heartbeat and would otherwise hold a place in the budget forever.
     """
 
-    def __init__(self, *, study: optuna.Study, guard: StorageGuard, interval: float, grace_period: float) -> None:
+    def __init__(
+        self, *, study: optuna.Study, guard: StorageGuard, interval: float, grace_period: float,
+        lock: threading.Lock | None = None,
+    ) -> None:
         super().__init__(name="hpo-reaper")
         self.study = study
         self.guard = guard
         self.interval = interval
         self.grace_period = grace_period
+        # The worker's: while a trial is failed but not yet re-queued, the worker must not count the study.
+        self.lock = lock if lock is not None else threading.Lock()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             if self.guard.down_within(self.grace_period):
                 continue
             try:
-                self.guard.attempt("reap stale trials", self.reap)
+                with self.lock:
+                    self.guard.attempt("reap stale trials", self.reap)
             except Exception as exc:  # a bad round must not end the thread; the next one tries again
                 logger.warning("reaping stale trials failed: %s", reason(exc))
 
@@ -145,8 +174,11 @@ class Reaper(_StoppableThread):
             claimed = trial.user_attrs.get("worker", {}).get("trial") == trial.number
             if claimed or trial.datetime_start is None or trial.datetime_start > oldest:
                 continue
-            failed = self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            if failed.state == TrialState.FAIL:
-                logger.warning("trial %d was never claimed by a worker: marked FAIL and re-queued", trial.number)
-                retry_callback()(self.study, failed)
+            try:
+                failed = self.study.tell(trial.number, state=TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # ended meanwhile, by a racing reaper that re-queues it, or by its worker
+            logger.warning("trial %d was never claimed by a worker: marked FAIL and re-queued", trial.number)
+            # Not the configuration's failure: a storage hiccup between asking for a trial and claiming it.
+            retry_callback(interrupted=True)(self.study, failed)
 

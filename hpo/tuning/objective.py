@@ -190,11 +190,14 @@ class Objective:
         on_pruned: PruneListener | None = None,
         on_progress: Callable[[float], None] | None = None,
         takeover_after: float | None = None,
+        silent_for: Callable[[], float] | None = None,
     ) -> None:
         self.spec = spec
-        # Seconds of outage after which another worker may have reaped this worker's trial (its grace period
-        # less one heartbeat interval): past them, a cut-off worker stops training the trial.
+        # Seconds without a heartbeat after which another worker may have reaped this worker's trial (its grace
+        # period less one heartbeat interval): past them, a worker cut off or frozen stops training the trial.
         self.takeover_after = takeover_after
+        # Seconds the trial has gone without a heartbeat (default: since the storage became unreachable).
+        self.silent_for = silent_for if silent_for is not None else guard.down_for
         # Called with each epoch's seconds: the worker's ProgressClock, which keeps a stuck trial from beating.
         self.on_progress = on_progress
         self.data = data
@@ -409,16 +412,19 @@ class TrialRun:
         }
 
     def before_checkpoint(self, result: EpochResult) -> None:
-        """Cut off from the storage for longer than the trial's grace period, a worker does not know whether
-        another worker has reaped its trial and is resuming it from the checkpoint file: it waits for the storage
-        (up to --storage-patience) before it writes that file or trains on, and stops if the trial is no longer
-        its own.  In an outage of everyone nobody reaps, so the trial goes on once the storage is back."""
+        """Without a heartbeat for longer than the trial's grace period (cut off from the storage, or the process
+        frozen by Ctrl-Z, a Slurm suspend or a paused VM), a worker does not know whether another worker has
+        reaped its trial and is resuming it from the checkpoint file: it waits for the storage (up to
+        --storage-patience) before it writes that file or trains on, and stops if the trial is no longer its own.
+        In an outage of everyone nobody reaps, so the trial goes on once the storage is back."""
         limit = self.objective.takeover_after
-        if limit is None or self.objective.guard.down_for() <= limit:
+        silent = self.objective.silent_for()
+        if limit is None or silent <= limit:
             return
         logger.warning(
-            "trial %d: cut off from the storage for longer than its grace period allows (%.0f s); waiting for the "
-            "storage before writing epoch %d's checkpoint", self.trial.number, limit, result.epoch,
+            "trial %d: no heartbeat for %.0f s, longer than its grace period allows (%.0f s; cut off or frozen); "
+            "checking with the storage before writing epoch %d's checkpoint", self.trial.number, silent, limit,
+            result.epoch,
         )
         trial = self.trial
         study_id = self.objective.study_id(trial)
@@ -427,7 +433,7 @@ class TrialRun:
         )
         if stored.state != optuna.trial.TrialState.RUNNING:
             raise TrialAbandoned(
-                f"trial {trial.number} was ended ({stored.state.name}) while this worker was cut off; stopped training "
+                f"trial {trial.number} was ended ({stored.state.name}) while this worker was cut off or frozen; stopped training "
                 f"it after epoch {result.epoch - 1} without writing epoch {result.epoch}'s checkpoint"
             )
 

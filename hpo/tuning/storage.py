@@ -11,7 +11,6 @@ import os
 import re
 import sqlite3
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,16 @@ import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
 from hpo.errors import StorageError, first_line
-from hpo.tuning.outage import absorb_start_race
+from hpo.tuning.outage import StorageGuard, absorb_start_race
+from hpo.tuning.retry import retry_callback
 
 logger = logging.getLogger(__name__)
+
+# Optuna >= 4.9 renamed the storage's argument for the callback on trials failed for a stale heartbeat.
+_STALE_CALLBACK_ARG = (
+    "heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+    else "failed_trial_callback"
+)
 
 # One file holds many studies, which is what optuna-dashboard expects to be pointed at.
 DEFAULT_STORAGE = "sqlite:///hpo.db"
@@ -31,8 +37,6 @@ CONNECT_TIMEOUT_S = 10
 # Seconds a server may leave a request unanswered before the connection counts as lost (Optuna's
 # queries take milliseconds to seconds; a minute of silence is a dead link).
 IO_TIMEOUT_S = 60
-# Times a trial whose worker died is re-queued before it is given up.
-MAX_RETRY = 3
 
 
 def resolve_storage(flag: str | None) -> tuple[str, str]:
@@ -197,9 +201,14 @@ def _check_sqlite_file(path: Path, source: str, *, writable: bool) -> None:
         raise StorageError(f"{source}: cannot write the SQLite file '{path}' ({exc.strerror or exc})") from exc
 
 
-def check_storage(url: str, source: str, *, writable: bool = True) -> None:
+def check_storage(url: str, source: str, *, writable: bool = True, patience: float = 0.0) -> None:
     """Fail early, writing nothing, if the URL is malformed or its database can't be reached (or, with
-    ``writable``, a SQLite file can't be written)."""
+    ``writable``, a SQLite file can't be written).
+
+    ``patience`` (seconds): a server that can't be reached yet (starting, restarting, a network not up)
+    is waited for as in an outage, then StorageUnavailable; one that answers "no" (a wrong password,
+    no such database) is a StorageError at once.  0: every failure is a StorageError at once.
+    """
     parsed = _parse(url, source)
     path = sqlite_path(url)
     if path is not None:
@@ -208,13 +217,35 @@ def check_storage(url: str, source: str, *, writable: bool = True) -> None:
     if parsed.get_backend_name() == "sqlite":
         return  # in memory
     engine = sqlalchemy.create_engine(parsed, **engine_kwargs(parsed))
+
+    def connect() -> None:
+        try:
+            with engine.connect():
+                pass
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            words = first_line(getattr(exc, "orig", exc))
+            if patience <= 0 or refused_for_good(words):
+                # Not chained: the guard would see the driver's OperationalError under it and wait.
+                raise StorageError(f"{source}: cannot connect to {redact(url)}: {words}") from None
+            raise  # passing: the guard waits and tries again
+
     try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise StorageError(f"{source}: cannot connect to {redact(url)}: {first_line(getattr(exc, 'orig', exc))}") from exc
+        StorageGuard(shown=f"{redact(url)} (from {source})", patience=patience).call("connect", connect)
     finally:
         engine.dispose()
+
+
+# What a server says when it answered and refused, which waiting does not change (PostgreSQL, MySQL).
+_REFUSALS = (
+    "authentication failed", "no password supplied", "pg_hba.conf", "does not exist", "access denied",
+    "unknown database",
+)
+
+
+def refused_for_good(words: str) -> bool:
+    """Whether a connection error is the server's "no" (credentials, database name) rather than its absence."""
+    lowered = words.lower()
+    return any(refusal in lowered for refusal in _REFUSALS)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -229,23 +260,13 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database).expanduser()
 
 
-# Optuna >= 4.9 names the callback RetryHeartbeatStaleTrialCallback; older versions RetryFailedTrialCallback.
-_NEW_RETRY = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
-
-
-def retry_callback() -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
-    """Re-queues a failed trial: same params, its intermediate values inherited, MAX_RETRY times at most."""
-    cls = optuna.storages.RetryHeartbeatStaleTrialCallback if _NEW_RETRY else optuna.storages.RetryFailedTrialCallback
-    return cls(max_retry=MAX_RETRY, inherit_intermediate_values=True)
-
-
 def open_storage(
     url: str, source: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None
 ) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage with our engine settings and, given an interval, heartbeats.
 
     With heartbeats, a trial whose worker stops beating for ``grace_period`` seconds is marked FAIL
-    and re-queued (up to MAX_RETRY times) with its intermediate values.
+    and re-queued (see :mod:`hpo.tuning.retry`) with its intermediate values.
     """
     parsed = _parse(url, source)
     path = sqlite_path(url)
@@ -254,7 +275,7 @@ def open_storage(
         heartbeat = {
             "heartbeat_interval": heartbeat_interval,
             "grace_period": grace_period if grace_period is not None else 3 * heartbeat_interval,
-            ("heartbeat_stale_trial_callback" if _NEW_RETRY else "failed_trial_callback"): retry_callback(),
+            _STALE_CALLBACK_ARG: retry_callback(),
         }
     try:
         if path is not None:
@@ -270,7 +291,30 @@ def open_storage(
         raise StorageError(f"{source}: cannot open {redact(url)}: {first_line(exc)}") from exc
     if parsed.get_backend_name() == "postgresql":
         _pin_utc(storage.engine)
+    elif parsed.get_backend_name() == "sqlite":
+        _serialize_sqlite(storage.engine)
     return storage
+
+
+def _serialize_sqlite(engine: sqlalchemy.engine.Engine) -> None:
+    """Every SQLite session of this storage a write transaction from its first statement (BEGIN IMMEDIATE).
+
+    Python's sqlite3 module opens a transaction only at the first write, so Optuna's read-then-write
+    steps are not atomic across processes: two workers both read a WAITING retry, then both mark it
+    RUNNING and train it (issue 17).  SQLAlchemy's documented recipe for pysqlite: the driver's own
+    transaction handling off, and a BEGIN of ours; IMMEDIATE takes the write lock at once, so the
+    second worker waits for the first to commit (the busy timeout) and then reads RUNNING.
+    """
+
+    def no_driver_transactions(dbapi_connection: Any, record: object) -> None:
+        dbapi_connection.isolation_level = None
+
+    def begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    sqlalchemy.event.listen(engine, "connect", no_driver_transactions)
+    sqlalchemy.event.listen(engine, "begin", begin_immediate)
+    engine.dispose()  # connections opened to create the tables predate the listeners
 
 
 def _pin_utc(engine: sqlalchemy.engine.Engine) -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from hpo.tuning.heartbeat import Heartbeat, ProgressClock, Reaper
 from hpo.tuning.objective import TrialAbandoned, TrialFailed
 from hpo.tuning.outage import StorageGuard
 from hpo.tuning.pareto import values_text
-from hpo.tuning.storage import retry_callback
+from hpo.tuning.retry import retry_callback
 from hpo.tuning.study import grid_exhausted
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,10 @@ class _Worker:
         self.heartbeat_interval = heartbeat_interval
         self.callbacks = callbacks
         self.stop = StopRequest(guard)
+        # Held by the reaper while it fails a trial and re-queues it (two writes), and here from counting the
+        # trials to asking for one: in between the study looks one trial short, and a new configuration would
+        # take the place of the one being re-queued.
+        self.study_lock = threading.Lock()
         self.claim = {"host": socket.gethostname(), "pid": os.getpid()}
         self.study_id = guard.call("look up the study", lambda: storage.get_study_id_from_name(study.study_name))
 
@@ -130,6 +135,7 @@ class _Worker:
             self.guard.call("write a heartbeat", lambda: self.storage.record_heartbeat(trial_id))
             if self.clock is not None:
                 self.clock.touch()
+                self.clock.beat(first=True)
             heartbeat = Heartbeat(
                 storage=self.storage, trial_id=trial_id, interval=self.heartbeat_interval, guard=self.guard,
                 clock=self.clock, stall_timeout=self.stall_timeout,
@@ -146,9 +152,8 @@ class _Worker:
             lambda: self.study.tell(number, value, state=state, skip_if_finished=True),
         )
 
-    def run_one(self) -> None:
-        """Ask, train, tell one trial; the callbacks then see its stored result."""
-        trial = self._ask()
+    def run_one(self, trial: optuna.Trial) -> None:
+        """Claim, train, tell one trial asked for; the callbacks then see its stored result."""
         try:
             heartbeat = self._claim(trial)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -211,8 +216,8 @@ class _Worker:
                 f"mark the interrupted trial {number} FAIL", lambda: self.study.tell(number, state=TrialState.FAIL)
             )
             if told and stored is not None:
-                retry_callback()(self.study, stored)
-                logger.warning("trial %d interrupted: marked FAIL and re-queued to resume", number)
+                retry_callback(interrupted=True)(self.study, stored)
+                logger.warning("trial %d interrupted: marked FAIL and re-queued to resume (no retry used up)", number)
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
             pass  # already ended by someone else, who re-queued it
 
@@ -245,7 +250,9 @@ def run_worker(
     previous = {signum: signal.signal(signum, worker.stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     reaper = None
     if heartbeat_interval:
-        reaper = Reaper(study=study, guard=guard, interval=heartbeat_interval, grace_period=grace_period)
+        reaper = Reaper(
+            study=study, guard=guard, interval=heartbeat_interval, grace_period=grace_period, lock=worker.study_lock
+        )
         reaper.start()
     try:
         return _loop(worker, budget=budget, deadline=None if timeout is None else time.monotonic() + timeout)
@@ -262,14 +269,16 @@ def _loop(worker: _Worker, *, budget: int, deadline: float | None) -> int:
     waiting_for: tuple[int, ...] | None = None  # the running trials last logged as blocking this worker
     while deadline is None or time.monotonic() < deadline:
         worker.stop.raise_if_requested()
-        tally = worker.guard.call("count the study's trials", lambda: Tally.of(worker.study))
-        step = tally.next(budget)
-        if step is Next.STOP:
-            break
-        if worker.guard.call("look at the grid", lambda: grid_exhausted(worker.study)):
-            logger.info("every point of the grid has been tried: stopping below the budget of %d", budget)
-            break
-        if step is Next.WAIT:
+        with worker.study_lock:
+            tally = worker.guard.call("count the study's trials", lambda: Tally.of(worker.study))
+            step = tally.next(budget)
+            if step is Next.STOP:
+                break
+            if worker.guard.call("look at the grid", lambda: grid_exhausted(worker.study)):
+                logger.info("every point of the grid has been tried: stopping below the budget of %d", budget)
+                break
+            trial = worker._ask() if step is Next.START else None
+        if trial is None:
             if tally.running_numbers != waiting_for:  # said again whenever the set of blocking trials changes
                 waiting_for = tally.running_numbers
                 shown = ", ".join(map(str, waiting_for))
@@ -277,6 +286,6 @@ def _loop(worker: _Worker, *, budget: int, deadline: float | None) -> int:
             time.sleep(POLL_S)
             continue
         waiting_for = None
-        worker.run_one()
+        worker.run_one(trial)
         ran += 1
     return ran
