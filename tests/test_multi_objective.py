@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -279,3 +280,23 @@ def test_a_stored_study_resumes_only_with_the_same_objectives(tmp_path: Path) ->
     path.write_text('[study]\nname = "s"\nmetric = "val_loss"\n')
     with pytest.raises(StorageError, match=r"already exists with directions \['minimize', 'minimize'\], not \['minimize'\]"):
         open_study(load_spec(path), storage)
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_multi_objective_study_keep_every_trial_and_its_twin_in_step(tmp_path: Path, archive: Path) -> None:
+    """Two hpo.run processes share the study and its curves study: every finished trial has exactly one twin,
+    which ended as it did and reported its curve; none is left running."""
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study_file = _study_file(tmp_path, archive)
+    argv = [sys.executable, "-m", "hpo.run", "--study", str(study_file), "--n-trials", "6", "--storage", url, "--quiet"]
+    workers = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    trials = optuna.load_study(study_name="mo", storage=url).trials
+    twins = optuna.load_study(study_name=curves_study_name("mo"), storage=url).trials
+    assert len(trials) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert sorted(t.user_attrs["curve_trial"] for t in trials) == sorted(t.number for t in twins), "one twin each"
+    for trial in trials:
+        twin = twins[trial.user_attrs["curve_trial"]]
+        assert twin.user_attrs["trial"] == trial.number and twin.state == trial.state
+        assert list(twin.intermediate_values.values()) == trial.user_attrs.get(CURVE_ATTR, [])
