@@ -305,22 +305,19 @@ def write_figure(path: Path, runs: list[Run], configs: list[str], *, budget_s: f
     figure.write_html(path, include_plotlyjs=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_spec_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags :func:`base_spec` reads (shared with bench/pareto.py)."""
     parser.add_argument("--study", default="quick", help="study file: a name in studies/ or a path (default: quick)")
     parser.add_argument("--data", required=True, help="dataset folder or .tar.gz archive ([data] data_dir)")
-    parser.add_argument("--configs", nargs="+", type=parse_config, default=[parse_config(c) for c in DEFAULT_CONFIGS],
-                        help=f"SAMPLER:PRUNER[:WARMUP] each (default: {' '.join(DEFAULT_CONFIGS)})")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="study seeds, one run each (default: 0 1 2)")
-    parser.add_argument("--budget", type=float, default=240.0, help="wall-clock seconds per run (default: 240)")
     parser.add_argument("--max-epochs", type=int, help="epochs per trial (default: the study file's)")
     parser.add_argument("--train-subset", type=int, help="training images (default: the study file's)")
     parser.add_argument("--val-subset", type=int, help="validation images (default: the study file's)")
-    parser.add_argument("--target", type=float, default=0.5, help="validation accuracy for the time-to-target column (default: 0.5)")
     parser.add_argument("--device", default="cpu", help="device for every run (default: cpu)")
-    parser.add_argument("--out", default="bench-search", help="folder for the CSVs, the figure and bench.db (default: bench-search/)")
-    args = parser.parse_args(argv)
 
+
+def base_spec(args: argparse.Namespace) -> StudySpec:
+    """The study file with --data, --device, --max-epochs, --train-subset and --val-subset in place; Optuna's and
+    hpo's logs quiet but for warnings (shared with bench/pareto.py)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -330,7 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         train_subset=args.train_subset if args.train_subset is not None else base.data.train_subset,
         val_subset=args.val_subset if args.val_subset is not None else base.data.val_subset,
     )
-    base = dataclasses.replace(base, data=data)
+    return dataclasses.replace(base, data=data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_spec_flags(parser)
+    parser.add_argument("--configs", nargs="+", type=parse_config, default=[parse_config(c) for c in DEFAULT_CONFIGS],
+                        help=f"SAMPLER:PRUNER[:WARMUP] each (default: {' '.join(DEFAULT_CONFIGS)})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="study seeds, one run each (default: 0 1 2)")
+    parser.add_argument("--budget", type=float, default=240.0, help="wall-clock seconds per run (default: 240)")
+    parser.add_argument("--target", type=float, default=0.5, help="validation accuracy for the time-to-target column (default: 0.5)")
+    parser.add_argument("--out", default="bench-search", help="folder for the CSVs, the figure and bench.db (default: bench-search/)")
+    args = parser.parse_args(argv)
+    base = base_spec(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(out / 'bench.db').resolve()}"

@@ -8,6 +8,7 @@ The Python API (the ``python -m hpo.*`` commands are shells over it)::
     saved = hpo.retrain(study)                        # the best trial, retrained and tested once: a SavedModel
     hpo.save_model(saved, Path("checkpoints/quick-best.pt"))
     hpo.write_report(study, out="reports/quick")      # report.html, trials.csv, summary.json
+    hpo.pareto_front(study)                           # a multi-objective study's Pareto-optimal feasible trials
     # images already in memory (numpy or torch, NHWC or NCHW, uint8 or float in [0, 1]) instead of [data] dataset:
     study = hpo.search("quick", n_trials=8, data=hpo.ArrayData(x_train, y_train, x_test, y_test))
     saved = hpo.retrain(study, data=hpo.ArrayData(x_train, y_train, x_test, y_test))
@@ -34,14 +35,15 @@ _API = {
     "save_model": "hpo.results.retrain",
     "load_model": "hpo.results.retrain",
     "write_report": "hpo.results.report",
+    "pareto_front": "hpo.tuning.pareto",
     "Hyperparameters": "hpo.studyfile.space",
     "register_model": "hpo.training.models",
     "ArrayData": "hpo.training.arrays",
 }
 
 __all__ = [
-    "ArrayData", "Hyperparameters", "SavedModel", "load_model", "register_model", "replay", "retrain", "save_model",
-    "search", "write_report",
+    "ArrayData", "Hyperparameters", "SavedModel", "load_model", "pareto_front", "register_model", "replay", "retrain",
+    "save_model", "search", "write_report",
 ]
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from hpo.studyfile.space import Hyperparameters
     from hpo.training.arrays import ArrayData
     from hpo.training.models import register_model
+    from hpo.tuning.pareto import pareto_front
 
 
 def __getattr__(name: str) -> object:

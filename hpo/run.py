@@ -86,6 +86,8 @@ class Progress:
             self.trials.set_postfix(best=f"{study.best_value:.4f}")
         except ValueError:
             pass  # no completed trial yet
+        except RuntimeError:  # multi-objective: no single best value
+            self.trials.set_postfix(pareto_front=len(study.best_trials))
 
     def close(self) -> None:
         if self.epochs is not None:

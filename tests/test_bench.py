@@ -146,3 +146,26 @@ def test_search_bench_compares_configurations_and_tests_only_the_chosen_trial_on
     assert "random:none" in figure and "random:median:1" in figure
     table = printed.split("configuration", 1)[1]
     assert "random:none" in table and "random:median:1" in table and "±" in table, printed
+
+
+PARETO = SCRIPT.parent / "pareto.py"
+
+
+def test_pareto_mode_prints_hypervolume_epochs_and_trials_with_and_without_pruning(archive: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(PARETO), "--data", str(archive), "--budget", "6", "--seeds", "0", "--train-subset", "128",
+         "--val-subset", "64", "--max-epochs", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["pruned"], ["unpruned"]) and "±" in line]
+    assert [row[0] for row in table] == ["pruned", "unpruned"], done.stdout
+    assert "reference point (2.5, 150000.0)" in done.stdout
+    with (tmp_path / "runs.csv").open() as handle:
+        runs = list(csv.DictReader(handle))
+    assert [r["config"] for r in runs] == ["pruned", "unpruned"]
+    for run in runs:
+        assert 0.0 <= float(run["hypervolume"]) < 1.0
+        assert int(run["epochs_trained"]) <= 2 * int(run["trials_finished"])
+    unpruned = runs[1]
+    assert float(unpruned["epochs_saved"]) == 0.0 or int(unpruned["trials_finished"]) == 0, "nothing prunes without a pruner"

@@ -32,6 +32,8 @@ SAMPLER_CASES = {
            {"n_startup_trials": 7, "deterministic_objective": True, "seed": 3}),
     "qmc": ('qmc_type = "halton"\nscramble = true', optuna.samplers.QMCSampler,
             {"qmc_type": "halton", "scramble": True, "seed": 3}),
+    "nsga2": ("population_size = 8\ncrossover_prob = 0.8", optuna.samplers.NSGAIISampler,
+              {"population_size": 8, "mutation_prob": None, "crossover_prob": 0.8, "swapping_prob": 0.5, "seed": 3}),
 }
 
 

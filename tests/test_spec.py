@@ -101,7 +101,7 @@ BAD = [
     ("[space]\nlr = { low = 1e-3, high = 1e-1, lg = true }\n", r"\[space\] lr: unknown key lg"),
     ("[space]\noptimizer = { choices = ['sgd', 'lion'] }\n", r"\[space\] optimizer must be one of .*, got 'lion'"),
     ("[space]\noptimizer = { low = 1, high = 2 }\n", r"\[space\] optimizer is categorical: use \{ choices = \[...\] \}, got a range"),
-    ("[sampler]\ntype = 'bayes'\n", r"\[sampler\]: type must be one of tpe, random, grid, cmaes, gp, qmc, got 'bayes'"),
+    ("[sampler]\ntype = 'bayes'\n", r"\[sampler\]: type must be one of tpe, random, grid, cmaes, gp, qmc, nsga2, got 'bayes'"),
     ("[sampler]\ntype = 'qmc'\nqmc_type = 'lattice'\n", r"qmc_type must be one of 'sobol', 'halton', got 'lattice'"),
     ("[sampler]\ntype = 'grid'\n[space]\nlr = { low = 1e-4, high = 1e-1 }\n", r"\[space\] lr: a grid search needs choices or a range with a step"),
     ("[sampler]\ntype = 'tpe'\nmultivariate = false\ngroup = true\n", r"\[sampler\] \(type 'tpe'\): group = true needs multivariate = true"),
@@ -114,6 +114,20 @@ BAD = [
     ("[space]\noptimizer = { choices = ['adam', 'adamw'] }\nmomentum = { low = 0.8, high = 0.99 }\n", r"momentum is searched but applies only when optimizer is sgd or rmsprop"),
     ("[pruner]\ntype = 'median'\nmin_resource = 2\n", r"\[pruner\] \(type 'median'\): unknown key 'min_resource'"),
     ("[pruner]\ntype = 'successive_halving'\nreduction_factor = 1\n", r"reduction_factor must be >= 2, got 1"),
+    # Multi-objective studies (issue 18).
+    ("[study]\nobjectives = ['val_loss', 'size']\n", r"\[study\]: objectives must be one of 'val_loss', 'val_accuracy', 'params', 'macs', 'latency_ms', 'train_seconds', got 'size'"),
+    ("[study]\nobjectives = ['params', 'val_loss']\n", r"\[study\]: objectives must start with val_loss or val_accuracy .*got \['params', 'val_loss'\]"),
+    ("[study]\nobjectives = ['val_loss', 'params', 'params']\n", r"\[study\]: objectives names 'params' twice"),
+    ("[study]\nobjectives = 'params'\n", r"\[study\]: objectives must be a list of strings, got 'params'"),
+    ("[study]\nmetric = 'val_loss'\nobjectives = ['val_loss', 'params']\n", r"\[study\] give objectives or metric, not both .*got metric = 'val_loss' and objectives = \['val_loss', 'params'\]"),
+    ("[study]\nobjectives = ['val_loss', 'params']\nconstraints = { latency_ms = 5.0 }\n", r"\[study\]: constraints: latency_ms is not measured, .*got latency_ms = 5.0"),
+    ("[study]\nobjectives = ['val_loss', 'params']\nconstraints = { size = 5 }\n", r"\[study\]: constraints must be one of .*got 'size'"),
+    ("[study]\nobjectives = ['val_loss', 'params']\nconstraints = { params = 0 }\n", r"\[study\]: constraints: params must be a number > 0, got 0.0"),
+    ("[study]\nobjectives = ['val_loss', 'params']\nconstraints = { params = -5 }\n", r"\[study\]: constraints: params must be a number > 0, got -5.0"),
+    ("[study]\nobjectives = ['val_loss', 'params']\nconstraints = { params = 'big' }\n", r"\[study\]: constraints must be a table of numbers, got \{'params': 'big'\}"),
+    ("[study]\nconstraints = { params = 1000 }\n", r"\[study\]: constraints: params is not measured, it is not one of objectives \['val_loss'\]"),
+    ("[study]\nobjectives = ['val_loss', 'params']\n[sampler]\ntype = 'cmaes'\n", r"\[sampler\] type 'cmaes' optimizes one objective, got objectives \['val_loss', 'params'\]"),
+    ("[sampler]\ntype = 'nsga2'\ncrossover_prob = 1.5\n", r"\[sampler\] \(type 'nsga2'\): crossover_prob must be from 0 to 1, got 1.5"),
 ]
 
 
@@ -156,3 +170,27 @@ def test_a_user_model_space_keeps_its_names_kinds_and_a_probe_configuration(tmp_
         "width": Choice((16, 32)), "drop": FloatRange(0.0, 0.5), "act": Fixed("gelu"), "blocks": IntRange(1, 3),
     }
     assert space.probe() == {"width": 16, "drop": 0.0, "act": "gelu", "blocks": 1}
+
+
+def test_objectives_take_their_fixed_directions_and_the_first_is_the_metric(tmp_path: Path) -> None:
+    path = tmp_path / "mo.toml"
+    path.write_text(
+        "[study]\nobjectives = ['val_accuracy', 'params', 'latency_ms']\nconstraints = { params = 1_000_000, latency_ms = 5 }\n"
+    )
+    study = load_spec(path).study
+    assert study.metric == "val_accuracy" and study.multi_objective
+    assert study.directions == ("maximize", "minimize", "minimize")
+    assert study.constraints == {"params": 1_000_000.0, "latency_ms": 5.0}
+    assert Overrides(study_name="other").apply(load_spec(path)).study.objectives == study.objectives, "kept by overrides"
+
+
+def test_a_single_objective_file_is_read_as_before(tmp_path: Path) -> None:
+    path = tmp_path / "so.toml"
+    path.write_text("[study]\nmetric = 'val_accuracy'\n")
+    study = load_spec(path).study
+    assert (study.metric, study.direction, study.objectives, study.directions) == (
+        "val_accuracy", "maximize", ("val_accuracy",), ("maximize",)
+    )
+    assert not study.multi_objective and study.constraints == {}
+    path.write_text("[study]\nseed = 3\n")
+    assert load_spec(path).study.metric == "val_loss"

@@ -92,6 +92,8 @@ def _progress(study: optuna.Study, budget: int, done: threading.Event, enabled: 
                 postfix["best"] = f"{study.best_value:.4f}"
             except ValueError:
                 pass
+            except RuntimeError:  # multi-objective: no single best value
+                postfix["pareto_front"] = len(study.best_trials)
             bar.set_postfix(postfix)
     finally:
         bar.close()

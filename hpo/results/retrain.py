@@ -119,6 +119,8 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     if number is None:
         if not any(t.state == TrialState.COMPLETE for t in trials):
             raise UsageError(f"--study: study {study.study_name!r} has no completed trial yet; give --trial N or run more trials")
+        if len(study.directions) > 1:
+            raise UsageError(no_single_best(study))
         trial = study.best_trial
     else:
         found = [t for t in trials if t.number == number]
@@ -127,15 +129,32 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
         trial = found[0]
     if trial.state not in FINISHED_STATES:
         raise UsageError(f"--trial: trial {trial.number} is {trial.state.name}; only complete or pruned trials can be retrained")
-    if not isinstance(trial.user_attrs.get("seed"), int) or not trial.intermediate_values:
-        raise UsageError(f"--trial: trial {trial.number} has no stored seed or epochs (not a trial of hpo.run)")
+    if not isinstance(trial.user_attrs.get("seed"), int) or not _curve(trial):
+        raise UsageError(f"--trial: trial {trial.number} has no stored seed or epochs (not a trial of hpo.run, or one that never trained)")
     return trial
+
+
+def _curve(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+    from hpo.tuning.pareto import curve  # imports optuna: not before a command needs it
+
+    return curve(trial)
+
+
+def no_single_best(study: optuna.Study) -> str:
+    """Why a multi-objective study has no one trial to retrain, and which trials it could be (its Pareto front)."""
+    from hpo.tuning.pareto import objective_names, pareto_front, values_text
+
+    front = "; ".join(f"#{t.number} ({values_text(study, t)})" for t in pareto_front(study)) or "none yet (no feasible trial)"
+    return (
+        f"--trial: study {study.study_name!r} has {len(study.directions)} objectives ({', '.join(objective_names(study))}) "
+        f"and no single best trial; give --trial N, one of its Pareto front: {front}"
+    )
 
 
 def trial_epochs(trial: optuna.trial.FrozenTrial) -> int:
     """Epochs the trial trained: its ``epochs`` user attr, else the epochs it reported."""
     epochs = trial.user_attrs.get("epochs")
-    return epochs if isinstance(epochs, int) else max(trial.intermediate_values)
+    return epochs if isinstance(epochs, int) else max(_curve(trial))
 
 
 def train_like(
@@ -265,6 +284,11 @@ def retrain(
     from hpo.studyfile.space import from_params
 
     check_reevaluation(top=top, seeds=seeds, trial=trial)
+    if seeds > 0 and len(study.directions) > 1:
+        raise UsageError(
+            f"argument --seeds: re-evaluation ranks trials by one objective; study {study.study_name!r} has "
+            f"{len(study.directions)}: give --trial N instead"
+        )
     prepared = _prepare(study, trial, study_file=study_file, device=device, data_dir=data_dir, model=model, data=data)
     spec, picked = prepared.spec, prepared.trial
     check_test_images(prepared.dataset)
@@ -364,7 +388,7 @@ def best_first(study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) 
 
 def top_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
     """The ``top`` best complete trials of hpo.run (with a stored seed); fewer if fewer completed."""
-    ours = [t for t in study.get_trials(deepcopy=False) if isinstance(t.user_attrs.get("seed"), int) and t.intermediate_values]
+    ours = [t for t in study.get_trials(deepcopy=False) if isinstance(t.user_attrs.get("seed"), int) and _curve(t)]
     return best_first(study, ours)[:top]
 
 
@@ -478,6 +502,6 @@ def replay_trial(
     config = train_config(spec, hp, seed=seed, device=device)
     results = train_like(trial, spec, seeded_model(spec, hp, data, seed), data, config)
     return [
-        ReplayedEpoch(epoch=r.epoch, stored=trial.intermediate_values.get(r.epoch), replayed=score(r, spec.study.metric))
+        ReplayedEpoch(epoch=r.epoch, stored=_curve(trial).get(r.epoch), replayed=score(r, spec.study.metric))
         for r in results
     ]

@@ -82,6 +82,25 @@ class QmcSamplerSpec:
 
 
 @dataclass(frozen=True)
+class NsgaIISamplerSpec:
+    """NSGA-II, the genetic algorithm for multi-objective studies (single-objective ones work too)."""
+
+    # Trials per generation.
+    population_size: int = 50
+    # Chance that a child takes each hyperparameter at random (None: Optuna's, 1 / number of hyperparameters).
+    mutation_prob: float | None = None
+    crossover_prob: float = 0.9
+    swapping_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        _at_least(self, population_size=2)
+        for key in ("mutation_prob", "crossover_prob", "swapping_prob"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"{key} must be from 0 to 1, got {value!r}")
+
+
+@dataclass(frozen=True)
 class MedianPrunerSpec:
     # Trials that finish before any pruning happens, epochs before a trial may be pruned,
     # and how often (in epochs) the check runs.
@@ -163,7 +182,8 @@ class NopPrunerSpec:
 
 
 SamplerSpec = Union[
-    TpeSamplerSpec, RandomSamplerSpec, GridSamplerSpec, CmaEsSamplerSpec, GpSamplerSpec, QmcSamplerSpec
+    TpeSamplerSpec, RandomSamplerSpec, GridSamplerSpec, CmaEsSamplerSpec, GpSamplerSpec, QmcSamplerSpec,
+    NsgaIISamplerSpec,
 ]
 PrunerSpec = Union[
     MedianPrunerSpec,
@@ -182,7 +202,10 @@ SAMPLERS: Mapping[str, type] = {
     "cmaes": CmaEsSamplerSpec,
     "gp": GpSamplerSpec,
     "qmc": QmcSamplerSpec,
+    "nsga2": NsgaIISamplerSpec,
 }
+# Samplers that optimize one objective only (Optuna refuses a multi-objective study).
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
 PRUNERS: Mapping[str, type] = {
     "median": MedianPrunerSpec,
     "percentile": PercentilePrunerSpec,

@@ -23,6 +23,7 @@ from hpo.studyfile import names
 from hpo.studyfile.samplers import (
     PRUNERS,
     SAMPLERS,
+    SINGLE_OBJECTIVE_SAMPLERS,
     GridSamplerSpec,
     PrunerSpec,
     SamplerSpec,
@@ -51,6 +52,24 @@ def check_device(device: str) -> str | None:
 # Each metric's direction, fixed by its meaning.
 DIRECTIONS: Mapping[str, str] = {"val_loss": "minimize", "val_accuracy": "maximize"}
 
+# Every objective a study may optimize ([study] objectives), with its direction, fixed by its meaning:
+#   val_loss       the best epoch's validation loss (cross-entropy, nats per image)
+#   val_accuracy   the best epoch's validation accuracy (fraction in [0, 1])
+#   params         parameters of the model, trainable and frozen alike (count)
+#   macs           multiply-accumulates of one forward pass of one image (count; FLOPs / 2)
+#   latency_ms     median wall time of one forward pass of one image on the trial's device (ms)
+#   train_seconds  wall time of the trial's training passes, summed over its epochs (s)
+OBJECTIVES: Mapping[str, str] = {
+    **DIRECTIONS,
+    "params": "minimize",
+    "macs": "minimize",
+    "latency_ms": "minimize",
+    "train_seconds": "minimize",
+}
+# Objectives that training does not change: measured before the first epoch, so that a trial over a
+# constraint on one of them is recorded infeasible without training.
+BEFORE_TRAINING = ("params", "macs", "latency_ms")
+
 
 def direction_sign(direction: str) -> float:
     """+1 for "minimize", -1 for "maximize": the best of many values is the least ``sign x value``."""
@@ -60,11 +79,26 @@ def direction_sign(direction: str) -> float:
 @dataclass(frozen=True)
 class StudySection:
     name: str
-    # The objective: best validation loss (minimize) or best validation accuracy (maximize).
-    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    # The objective: best validation loss (minimize) or best validation accuracy (maximize); None: val_loss,
+    # or the first of ``objectives``.
+    metric: Literal["val_loss", "val_accuracy"] | None = None
     direction: Literal["minimize", "maximize"] | None = None
     # Seeds the sampler and every trial's seed (trial seed = f(seed, trial number)).
     seed: int = 0
+    # Several objectives (names of OBJECTIVES), the first val_loss or val_accuracy: its learning curve drives
+    # the pruner. Empty: the one objective ``metric``; filled in with it.
+    objectives: tuple[str, ...] = ()
+    # Upper limits of minimized objectives (lower limits of maximized ones), in the objective's units:
+    # a trial beyond one is infeasible, recorded through Optuna's constraints and never best.
+    constraints: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return tuple(OBJECTIVES[name] for name in self.objectives)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -72,6 +106,8 @@ class StudySection:
         if any(not character.isprintable() for character in self.name):
             # A NUL cannot reach a file name (checkpoints are kept per study) nor most databases.
             raise ValueError(f"name must be printable characters only, got {self.name!r}")
+        self._fill_objectives()
+        assert self.metric is not None
         expected = DIRECTIONS[self.metric]
         if self.direction is None:
             object.__setattr__(self, "direction", expected)
@@ -79,6 +115,40 @@ class StudySection:
             raise ValueError(
                 f"direction {self.direction!r} does not fit metric {self.metric!r} (expected {expected!r})"
             )
+        self._check_constraints()
+
+    def _fill_objectives(self) -> None:
+        """``metric`` from ``objectives`` or the other way round; each objective checked."""
+        objectives = tuple(self.objectives)
+        if not objectives:
+            object.__setattr__(self, "metric", self.metric or "val_loss")
+            object.__setattr__(self, "objectives", (self.metric,))
+            return
+        for name in objectives:
+            _check_name("objectives", name, OBJECTIVES)
+        twice = [name for index, name in enumerate(objectives) if name in objectives[:index]]
+        if twice:
+            raise ValueError(f"objectives names {twice[0]!r} twice, got {list(objectives)!r}")
+        if objectives[0] not in DIRECTIONS:
+            raise ValueError(
+                f"objectives must start with val_loss or val_accuracy (its learning curve drives the pruner), "
+                f"got {list(objectives)!r}"
+            )
+        if self.metric is not None and self.metric != objectives[0]:
+            raise ValueError(f"metric {self.metric!r} is not the first of objectives {list(objectives)!r}")
+        object.__setattr__(self, "objectives", objectives)
+        object.__setattr__(self, "metric", objectives[0])
+
+    def _check_constraints(self) -> None:
+        for name, limit in self.constraints.items():
+            _check_name("constraints", name, OBJECTIVES)
+            if name not in self.objectives:
+                raise ValueError(
+                    f"constraints: {name} is not measured, it is not one of objectives {list(self.objectives)!r}; "
+                    f"add it there, got {name} = {limit!r}"
+                )
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+                raise ValueError(f"constraints: {name} must be a number > 0, got {limit!r}")
 
 
 @dataclass(frozen=True)
@@ -253,11 +323,27 @@ def _matches(value: object, annotation: Any) -> bool:
         return value in typing.get_args(annotation)
     if annotation is type(None):
         return value is None
+    if origin is tuple:  # a TOML array of one type, e.g. tuple[str, ...]
+        return isinstance(value, list) and all(_matches(item, typing.get_args(annotation)[0]) for item in value)
+    if origin is Mapping:  # a TOML table of one value type, e.g. Mapping[str, float]
+        return isinstance(value, dict) and all(_matches(item, typing.get_args(annotation)[1]) for item in value.values())
     if isinstance(value, bool):
         return annotation is bool
     if annotation is float:
         return isinstance(value, (int, float))
     return isinstance(value, annotation)
+
+
+def _converted(value: Any, annotation: Any) -> Any:
+    """A checked TOML value as the field holds it: ints of float fields as floats, arrays as tuples."""
+    if annotation is float:
+        return float(value)
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        return tuple(value)
+    if origin is Mapping and typing.get_args(annotation)[1] is float:
+        return {key: float(item) for key, item in value.items()}
+    return value
 
 
 def _describe(annotation: Any) -> str:
@@ -266,6 +352,10 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(arg) for arg in typing.get_args(annotation) if arg is not type(None))
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(annotation)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is Mapping:
+        return f"a table of {_describe(typing.get_args(annotation)[1]).removeprefix('a ').removeprefix('an ')}s"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         annotation, annotation.__name__
     )
@@ -281,7 +371,7 @@ def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
             raise SpecError(f"{where}: unknown key {key!r} (known keys: {known})")
         if not _matches(value, hints[key]):
             raise SpecError(f"{where}: {key} must be {_describe(hints[key])}, got {value!r}")
-    values = {key: float(v) if hints[key] is float else v for key, v in table.items()}
+    values = {key: _converted(v, hints[key]) for key, v in table.items()}
     try:
         return cls(**values)
     except TypeError as exc:  # a required key is missing
@@ -341,6 +431,23 @@ def _model_section(path: Path, table: Mapping[str, Any]) -> ModelSection:
     return _build(ModelSection, {**table, "space": space}, f"{path}: [model]")
 
 
+def _study_section(path: Path, table: Mapping[str, Any], sampler: SamplerSpec) -> StudySection:
+    """[study], named like the file unless it says otherwise; its objectives checked against the sampler."""
+    if "objectives" in table and "metric" in table:
+        raise SpecError(
+            f"{path}: [study] give objectives or metric, not both (the first objective is the metric), "
+            f"got metric = {table['metric']!r} and objectives = {table['objectives']!r}"
+        )
+    study = _build(StudySection, {"name": path.stem, **table}, f"{path}: [study]")
+    kind = next(name for name, cls in SAMPLERS.items() if isinstance(sampler, cls))
+    if study.multi_objective and kind in SINGLE_OBJECTIVE_SAMPLERS:
+        raise SpecError(
+            f"{path}: [sampler] type {kind!r} optimizes one objective, got objectives {list(study.objectives)!r} "
+            "(for several: tpe, nsga2, random, gp, qmc or grid)"
+        )
+    return study
+
+
 def load_spec(path: Path) -> StudySpec:
     """Read and validate a study file; every problem raises SpecError naming the file and key."""
     try:
@@ -354,8 +461,6 @@ def load_spec(path: Path) -> StudySpec:
             raise SpecError(f"{path}: unknown table [{key}] (known tables: {', '.join(_SECTIONS)})")
         if not isinstance(value, dict):
             raise SpecError(f"{path}: {key} must be a table [{key}], got {value!r}")
-    study_table = dict(raw.get("study", {}))
-    study_table.setdefault("name", path.stem)
     train = _build(TrainSection, raw.get("train", {}), f"{path}: [train]")
     # Without a [pruner] table: successive halving, the winner of bench/search.py (docs/benchmarks.md, "Choosing sampler and pruner").
     # Hyperband's max_resource, when not given, is filled in from max_epochs when the pruner is made
@@ -370,6 +475,7 @@ def load_spec(path: Path) -> StudySpec:
     if problem:
         raise SpecError(f"{path}: [space] {problem}")
     sampler = _typed_section(SAMPLERS, {"type": "tpe", **raw.get("sampler", {})}, f"{path}: [sampler]")
+    study = _study_section(path, raw.get("study", {}), sampler)
     if isinstance(sampler, GridSamplerSpec):
         try:
             grid(space)
@@ -378,7 +484,7 @@ def load_spec(path: Path) -> StudySpec:
             raise SpecError(f"{path}: [space] {exc}") from exc
     return StudySpec(
         path=path,
-        study=_build(StudySection, study_table, f"{path}: [study]"),
+        study=study,
         data=_build(DataSection, raw.get("data", {}), f"{path}: [data]"),
         train=train,
         model=model,

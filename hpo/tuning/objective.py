@@ -30,16 +30,27 @@ from hpo.studyfile.space import (
     SearchSpace,
     Value,
 )
-from hpo.studyfile.spec import StudySpec
+from hpo.studyfile.spec import BEFORE_TRAINING, StudySpec
 from hpo.training.config import EpochResult
 from hpo.training.device import device_name, precision_for
 from hpo.training.fit import Checkpoint, fit, load_checkpoint
+from hpo.training.measure import measure_costs
 from hpo.training.models import count_parameters
 from hpo.training.recipe import best_epoch, score, seeded_model, train_config, trial_seed
 from hpo.training.splits import SearchData
 from hpo.tuning.budget import FINISHED_STATES, surplus
 from hpo.tuning.notes import Pruned
 from hpo.tuning.outage import StorageGuard
+from hpo.tuning.pareto import (
+    CONSTRAINTS_ATTR,
+    CONSTRAINTS_ON_TRIALS,
+    CURVE_ATTR,
+    CURVE_TRIAL_ATTR,
+    TWIN_OF_ATTR,
+    constraint_values,
+    violations,
+)
+from hpo.tuning.study import open_curves_study
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +126,11 @@ class EpochRecorder:
     was ended under this worker: ``TrialAbandoned``.
     """
 
-    def __init__(self, trial: optuna.Trial, guard: StorageGuard) -> None:
+    def __init__(self, trial: optuna.Trial, guard: StorageGuard, *, curve_trial: optuna.Trial | None = None) -> None:
         self.trial = trial
         self.guard = guard
+        # Where epochs are reported: the trial itself, or in a multi-objective study its twin in the curves study.
+        self.curve_trial = curve_trial or trial
         self._attrs: dict[str, object] = {}  # latest value per key; older ones need not be sent
         self._values: list[tuple[int, float]] = []  # (epoch, value) not yet reported
 
@@ -140,7 +153,7 @@ class EpochRecorder:
             epoch, value = self._values[0]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an epoch inherited from the trial this one retries
-                self.trial.report(value, epoch)
+                self.curve_trial.report(value, epoch)
             del self._values[0]
 
     def flush(self, *, wait: bool) -> bool:
@@ -206,6 +219,7 @@ class Objective:
         )
         self._study_id: int | None = None
         self._checkpoints: dict[int, Path] = {}  # trial number → its checkpoint, until the trial ends
+        self._curves: optuna.Study | None = None  # multi-objective: the curves study (open_curves_study)
 
     def checkpoint_path(self, original: optuna.trial.FrozenTrial) -> Path:
         """Where trial ``original`` (the first of a retry chain) and its retries keep their last epoch.
@@ -247,12 +261,28 @@ class Objective:
         if path is not None and trial.state in FINISHED_STATES:
             path.unlink(missing_ok=True)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def _curve_trial(self, trial: optuna.Trial) -> optuna.Trial:
+        """A multi-objective trial's twin in the curves study, linked both ways by user attrs."""
+        if self._curves is None:
+            self._curves = open_curves_study(self.spec, trial.storage)
+        with warnings.catch_warnings():
+            # Optuna's heartbeat thread belongs to study.optimize; the worker's Heartbeat beats for the trial, not its twin.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            twin = self._curves.ask()
+        twin.set_user_attr(TWIN_OF_ATTR, trial.number)
+        trial.set_user_attr(CURVE_TRIAL_ATTR, twin.number)
+        return twin
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         number, path, hp = self.guard.call(f"start trial {trial.number}", lambda: self._start(trial))
+        twin = None
+        if self.spec.study.multi_objective:
+            twin = self.guard.call(f"start the curve of trial {trial.number}", lambda: self._curve_trial(trial))
+        run = TrialRun(self, trial, number, path, hp, curve_trial=twin)
         if self.on_final_checkpoint is None:
-            return TrialRun(self, trial, number, path, hp).run()
+            return run.run()
         try:
-            value = TrialRun(self, trial, number, path, hp).run()
+            value = run.run()
         except optuna.TrialPruned:
             if path.is_file():
                 self.on_final_checkpoint(trial, path)
@@ -270,28 +300,60 @@ class TrialRun:
     """
 
     def __init__(
-        self, objective: Objective, trial: optuna.Trial, number: int, checkpoint: Path, hp: Hyperparameters
+        self, objective: Objective, trial: optuna.Trial, number: int, checkpoint: Path, hp: Hyperparameters, *,
+        curve_trial: optuna.Trial | None = None,
     ) -> None:
         self.objective = objective
         self.trial = trial
+        # Multi-objective: the twin in the curves study that reports the learning curve and is pruned; else None.
+        self.curve_trial = curve_trial
+        self.costs: dict[str, float] = {}  # objectives measured before training (hpo.training.measure), by name
         self.number = number
         self.metric = objective.spec.study.metric
         self.seed = trial_seed(objective.spec.study.seed, number)
         self.hp = hp
         self.checkpoint = checkpoint
         self.resume: Checkpoint | None = load_checkpoint(self.checkpoint) if number != trial.number else None
-        self.recorder = EpochRecorder(trial, objective.guard)
+        self.recorder = EpochRecorder(trial, objective.guard, curve_trial=curve_trial)
         self.history: list[EpochResult] = []
         self.progress_written = time.monotonic()  # when the progress attrs were last queued
 
-    def run(self) -> float:
-        """Train and report every epoch; the trial's value (its best epoch's), or TrialPruned / TrialFailed."""
+    def run(self) -> float | list[float]:
+        """Train and report every epoch; the trial's value (its best epoch's), or in a multi-objective study its
+        values (the objectives' order), or TrialPruned / TrialFailed.  A twin ends as its trial does."""
+        try:
+            values = self._train()
+        except optuna.TrialPruned:
+            self._end_curve(optuna.trial.TrialState.PRUNED)
+            raise
+        except BaseException:
+            self._end_curve(optuna.trial.TrialState.FAIL)
+            raise
+        self._end_curve(optuna.trial.TrialState.COMPLETE)
+        return values
+
+    def _end_curve(self, state: optuna.trial.TrialState) -> None:
+        """Tell the twin its trial's end; not waiting on the storage (a twin left running stops no one)."""
+        twin = self.curve_trial
+        if twin is None:
+            return
+        value = None
+        if state == optuna.trial.TrialState.COMPLETE:
+            value = score(best_epoch(self.history, self.metric), self.metric)
+        study = twin.study
+        self.objective.guard.attempt(
+            f"end the curve of trial {self.trial.number}",
+            lambda: study.tell(twin.number, value, state=state, skip_if_finished=True),
+        )
+
+    def _train(self) -> float | list[float]:
         objective = self.objective
         model = seeded_model(objective.spec, self.hp, objective.data, self.seed)
         self.recorder.set(
             seed=self.seed, params=count_parameters(model), device=device_name(objective.device), host=objective.host,
             pid=os.getpid(), precision=objective.precision,
         )
+        self._measure_before_training(model)
         self._resumed()
         config = train_config(objective.spec, self.hp, seed=self.seed, device=objective.device)
         try:
@@ -305,8 +367,44 @@ class TrialRun:
             self.checkpoint.unlink(missing_ok=True)
             raise self._out_of_memory() from None
         self.recorder.set(**self.progress())
+        values = self._values()
         self.recorder.flush(wait=True)
-        return score(best_epoch(self.history, self.metric), self.metric)
+        return values
+
+    def _measure_before_training(self, model: torch.nn.Module) -> None:
+        """Measure the objectives training does not change; a trial over a constraint on one ends here, pruned
+        and recorded infeasible, without training."""
+        study = self.objective.spec.study
+        wanted = [n for n in BEFORE_TRAINING if n in study.objectives or n in study.constraints]
+        if not wanted:
+            return
+        self.costs = measure_costs(model, wanted, image_shape=self.objective.data.image_shape, device=self.objective.device)
+        self.recorder.set(**self.costs)
+        broken = violations(study, self.costs)
+        if broken:
+            raise self._pruned(f"infeasible before training: {', '.join(broken)}")
+
+    def measured(self) -> dict[str, float]:
+        """Every objective known so far: the costs, the best epoch's metrics and the training seconds."""
+        measured = dict(self.costs)
+        finite = [e for e in self.history if math.isfinite(score(e, self.metric))]
+        if finite:
+            best = best_epoch(finite, self.metric)
+            measured.update(val_loss=best.val_loss, val_accuracy=best.val_accuracy)
+        measured["train_seconds"] = sum(e.train_seconds for e in self.history)  # s, training passes only
+        return measured
+
+    def _values(self) -> float | list[float]:
+        """The trial's value, or its values in the objectives' order; the constraints queued for the storage."""
+        study = self.objective.spec.study
+        value = score(best_epoch(self.history, self.metric), self.metric)
+        measured = self.measured()
+        if study.constraints:
+            self._constrain(constraint_values(study, measured))
+        if not study.multi_objective:
+            return value
+        self.recorder.set(train_seconds=measured["train_seconds"])
+        return [value if name == self.metric else measured[name] for name in study.objectives]
 
     def _resumed(self) -> None:
         """Report the epochs of the checkpoint this retry resumes from, and write what is queued."""
@@ -316,6 +414,7 @@ class TrialRun:
             logger.info("trial %d resumes trial %d after epoch %d", self.trial.number, self.number, self.resume.epoch)
             for result in self.resume.epochs:
                 self.recorder.report(result.epoch, score(result, self.metric))
+            self._record_curve()
         self.recorder.flush(wait=True)
 
     def progress(self) -> dict[str, object]:
@@ -371,16 +470,38 @@ class TrialRun:
             self.recorder.set(**self.progress())
             self.progress_written = time.monotonic()
         self.recorder.report(result.epoch, score(result, self.metric))
+        self._record_curve()
         if not self.recorder.flush(wait=False):
             return  # the storage is away: train on, report these epochs once it is back
         if result.epoch >= self.objective.spec.train.max_epochs:
             return  # trained to the end: a verdict now saves nothing and would turn a finished result into PRUNED
         # The pruner may read the trials Optuna cached for this trial, so success proves nothing.
         reachable, prune = self.objective.guard.attempt(
-            f"decide on pruning trial {self.trial.number}", self.trial.should_prune, reads_storage=False
+            f"decide on pruning trial {self.trial.number}", (self.curve_trial or self.trial).should_prune,
+            reads_storage=False,
         )
         if reachable and prune:
             raise self._pruned_by_pruner(result)
+
+    def _constrain(self, values: list[float]) -> None:
+        """Record the constraint values: a user attr (queued), and on Optuna 5 the trial's own constraints."""
+        self.recorder.set(**{CONSTRAINTS_ATTR: values})
+        if not CONSTRAINTS_ON_TRIALS:
+            return
+        trial, names = self.trial, list(self.objective.spec.study.constraints)
+
+        def send() -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a write retried after an outage finds the first ones set
+                for name, value in zip(names, values):
+                    trial.set_constraint(name, value)
+
+        self.objective.guard.call(f"record the constraints of trial {trial.number}", send)
+
+    def _record_curve(self) -> None:
+        """Multi-objective: the learning curve as the trial's user attr, for the dashboard and the report."""
+        if self.curve_trial is not None:
+            self.recorder.set(**{CURVE_ATTR: [score(e, self.metric) for e in self.history]})
 
     def _pruned_by_pruner(self, result: EpochResult) -> optuna.TrialPruned:
         value = score(result, self.metric)
@@ -390,11 +511,16 @@ class TrialRun:
                 epoch=result.epoch, value=value, best=score(best_epoch(self.history, self.metric), self.metric),
                 metric=self.metric, pruner=self.objective.spec.pruner,
             )
-            self.objective.guard.call(f"note why trial {self.trial.number} was pruned", lambda: on_pruned(self.trial, event))
+            # Multi-objective: the note goes to the twin, in the study whose trials the pruner compared.
+            pruned = self.curve_trial or self.trial
+            self.objective.guard.call(f"note why trial {self.trial.number} was pruned", lambda: on_pruned(pruned, event))
         return self._pruned(f"pruned at epoch {result.epoch} with {self.metric} {value:.4f}")
 
     def _pruned(self, reason: str) -> optuna.TrialPruned:
         self.recorder.set(pruned_reason=reason, **self.progress())
+        study = self.objective.spec.study
+        if study.constraints:  # the samplers that read constraints look at pruned trials too
+            self._constrain(constraint_values(study, self.measured()))
         self.recorder.flush(wait=True)
         return optuna.TrialPruned(reason)
 

@@ -18,6 +18,8 @@ import logging
 
 import optuna
 
+from hpo.tuning.pareto import curve
+
 logger = logging.getLogger(__name__)
 
 # Failures (not interruptions) after which a configuration is given up; up to this many retries follow failures.
@@ -37,7 +39,7 @@ class Requeue:
         self.interrupted = interrupted
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        epochs = len(trial.intermediate_values)
+        epochs = len(curve(trial))  # a multi-objective trial's epochs are its curve attr (no intermediate values there)
         progressed = epochs > int(trial.user_attrs.get(STARTED_AT_ATTR, 0))
         failures = int(trial.user_attrs.get(FAILURES_ATTR, 0)) + (0 if self.interrupted or progressed else 1)
         if failures > MAX_RETRY:

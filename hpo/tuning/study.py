@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import logging
 import socket
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from hpo.studyfile.samplers import (
     HyperbandPrunerSpec,
     MedianPrunerSpec,
     NopPrunerSpec,
+    NsgaIISamplerSpec,
     PatientPrunerSpec,
     PercentilePrunerSpec,
     QmcSamplerSpec,
@@ -28,10 +30,11 @@ from hpo.studyfile.samplers import (
     TpeSamplerSpec,
 )
 from hpo.studyfile.space import Choice, Distribution, Fixed, FloatRange, IntRange, grid
-from hpo.studyfile.spec import Overrides, StudySpec
+from hpo.studyfile.spec import DIRECTIONS, Overrides, StudySpec
 from hpo.studyfile.stored import STARTED_WITH_ATTR, changes, refusal, started_with
 from hpo.tuning.budget import FINISHED_STATES
 from hpo.tuning.outage import absorb_start_race
+from hpo.tuning.pareto import CONSTRAINTS_ON_TRIALS, AttrConstraints, curves_study_name
 from hpo.tuning.storage import check_existing_storage, open_storage, redact
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ SAMPLER_CLASSES: dict[type, type[optuna.samplers.BaseSampler]] = {
     CmaEsSamplerSpec: optuna.samplers.CmaEsSampler,
     GpSamplerSpec: optuna.samplers.GPSampler,
     QmcSamplerSpec: optuna.samplers.QMCSampler,
+    NsgaIISamplerSpec: optuna.samplers.NSGAIISampler,
 }
 
 
@@ -88,7 +92,13 @@ def create_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
     options: dict[str, Any] = dataclasses.asdict(spec.sampler)
     if isinstance(spec.sampler, GridSamplerSpec):
         options["search_space"] = {**grid(spec.space), **grid(spec.model.space)}
-    return SAMPLER_CLASSES[type(spec.sampler)](**options, seed=seed)
+    cls = SAMPLER_CLASSES[type(spec.sampler)]
+    if spec.study.constraints and not CONSTRAINTS_ON_TRIALS and "constraints_func" in inspect.signature(cls).parameters:
+        # Optuna 4: the sampler reads the constraints through this function. Optuna 5 reads what each trial stores
+        # with Trial.set_constraint. Samplers without constraints sample blind to them, and hpo's front
+        # (hpo.tuning.pareto) leaves infeasible points out just the same.
+        options["constraints_func"] = AttrConstraints(len(spec.study.constraints))
+    return cls(**options, seed=seed)
 
 
 def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -147,14 +157,10 @@ def _open_study(
     spec: StudySpec, storage: optuna.storages.BaseStorage, *, worker_index: int, overrides: Overrides,
     accept_changed: bool,
 ) -> optuna.Study:
-    direction = spec.study.direction
-    assert direction is not None
+    directions = list(spec.study.directions)
     found = _existing(storage, spec.study.name)
-    if found is not None and found.direction.name.lower() != direction:
-        raise StorageError(
-            f"{spec.path}: [study] study {spec.study.name!r} already exists with direction "
-            f"{found.direction.name.lower()!r}, not {direction!r}; choose another name (--study-name)"
-        )
+    if found is not None:
+        _check_directions(spec, [d.name.lower() for d in found.directions])
     stored_model = found.user_attrs.get(MODEL_ATTR) if found is not None else None
     if stored_model is not None and stored_model != spec.model.name:
         raise StorageError(
@@ -170,12 +176,21 @@ def _open_study(
     study = optuna.create_study(
         storage=storage,
         study_name=spec.study.name,
-        direction=direction,
+        directions=directions,
         sampler=create_sampler(spec, seed),
-        pruner=create_pruner(spec),
+        # Optuna refuses trial.report in a multi-objective study: there the curves study's twin trials are pruned
+        # (open_curves_study), and this study's pruner never runs.
+        pruner=create_pruner(spec) if len(directions) == 1 else optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
-    study.set_metric_names([spec.study.metric])
+    stored_names = study.metric_names
+    if found is not None and stored_names is not None and len(stored_names) > 1 and stored_names != list(spec.study.objectives):
+        # Same directions, other objectives (params for macs, say): the stored values would mean something else.
+        raise StorageError(
+            f"{spec.path}: [study] study {spec.study.name!r} already exists with objectives {stored_names!r}, not "
+            f"{list(spec.study.objectives)!r}; choose another name (--study-name)"
+        )
+    study.set_metric_names(list(spec.study.objectives))  # the dashboard's names for the objectives
     if stored_model is None:
         study.set_user_attr(MODEL_ATTR, spec.model.name)
     if stored != started_with(spec):
@@ -198,6 +213,43 @@ def _stored_values(
         # Accepted: later trials (and hpo.best, the report) follow the new values; the log keeps the old.
         logger.warning("study %r continues with changed values: %s", spec.study.name, "; ".join(map(str, changed)))
     return stored
+
+
+def _check_directions(spec: StudySpec, stored: list[str]) -> None:
+    """A stored study resumes with the same directions (single-objective: the same one)."""
+    if len(stored) == 1 and len(spec.study.directions) == 1:
+        if stored[0] != spec.study.direction:
+            raise StorageError(
+                f"{spec.path}: [study] study {spec.study.name!r} already exists with direction "
+                f"{stored[0]!r}, not {spec.study.direction!r}; choose another name (--study-name)"
+            )
+    elif stored != list(spec.study.directions):
+        raise StorageError(
+            f"{spec.path}: [study] study {spec.study.name!r} already exists with directions {stored!r}, not "
+            f"{list(spec.study.directions)!r} (objectives {list(spec.study.objectives)!r}); choose another name (--study-name)"
+        )
+
+
+def open_curves_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """The single-objective study beside a multi-objective one: each trial has a twin here that reports its
+    learning curve (the first objective per epoch) and asks the study file's pruner whether to stop.
+
+    Optuna's pruners then work unchanged, through Optuna's public API, and with many workers exactly as in a
+    single-objective study: every decision reads the twins stored in the shared storage.
+    """
+    metric = spec.study.metric
+    assert metric is not None
+
+    def create() -> optuna.Study:
+        study = optuna.create_study(
+            storage=storage, study_name=curves_study_name(spec.study.name), direction=DIRECTIONS[metric],
+            sampler=optuna.samplers.RandomSampler(),  # twins sample nothing: their parameters are their trial's
+            pruner=create_pruner(spec), load_if_exists=True,
+        )
+        study.set_metric_names([metric])
+        return study
+
+    return absorb_start_race("create the curves study", create)
 
 
 def optuna_distribution(dist: Distribution) -> optuna.distributions.BaseDistribution | None:

@@ -27,6 +27,7 @@ from hpo.tuning.budget import Next, Tally
 from hpo.tuning.heartbeat import Heartbeat, ProgressClock, Reaper
 from hpo.tuning.objective import TrialAbandoned, TrialFailed
 from hpo.tuning.outage import StorageGuard
+from hpo.tuning.pareto import values_text
 from hpo.tuning.retry import retry_callback
 from hpo.tuning.study import grid_exhausted
 
@@ -67,7 +68,9 @@ class StopRequest:
 
 
 def _log_result(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    if trial.state == TrialState.COMPLETE:
+    if trial.state == TrialState.COMPLETE and len(study.directions) > 1:  # multi-objective: no single best
+        logger.info("trial %d finished with %s", trial.number, values_text(study, trial))
+    elif trial.state == TrialState.COMPLETE:
         best = study.best_trial
         logger.info(
             "trial %d finished with value %.6g; best is trial %d with value %.6g", trial.number, trial.value,
