@@ -29,6 +29,7 @@ RESOURCES = {
     "mysql": "a MySQL or MariaDB server: set HPO_TEST_MYSQL_URL",
     "slurm": "a Slurm cluster that takes jobs: .ci/slurm-up installs and starts one on this machine",
     "browser": "headless Chromium: apt-get install chromium",
+    "pgbouncer": "PgBouncer's binary: apt-get install pgbouncer (each test starts its own in front of PostgreSQL)",
 }
 _PREFIX = "missing resource "  # how a skip says it is one of ours: "missing resource <name>: <why>"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from conftest import missing
+from conftest import missing, random_image_folder
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # The shared database servers, by the variable that holds their URL (.ci/run sets both).
@@ -250,3 +251,133 @@ class Worker:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class PgBouncer:
+    """A PgBouncer of the test's own in transaction mode, in front of a PostgreSQL server, run as the postgres user.
+
+    ``ignore_startup_parameters = options``: hpo sends its session timeouts as a startup option, which PgBouncer
+    refuses otherwise (they are then the database's to set; the time zone PgBouncer tracks per client itself).
+    """
+
+    BINARY = Path("/usr/sbin/pgbouncer")
+
+    def __init__(self, server_url: str, *, pool_size: int) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="hpo-pgbouncer-"))
+        self.port = free_port()
+        target = make_url(server_url)
+        (self.folder / "users.txt").write_text(f'"{target.username}" ""\n')
+        (self.folder / "pgbouncer.ini").write_text(
+            f"[databases]\n* = host={target.host} port={target.port or 5432}\n[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\nauth_type = trust\n"
+            f"auth_file = {self.folder / 'users.txt'}\npool_mode = transaction\ndefault_pool_size = {pool_size}\n"
+            f"max_client_conn = 2000\nignore_startup_parameters = options\nlogfile = {self.folder / 'log'}\n"
+            f"pidfile = {self.folder / 'pid'}\n"
+        )
+
+    @classmethod
+    def available(cls) -> str | None:
+        if not cls.BINARY.is_file():
+            return f"no {cls.BINARY}"
+        if os.geteuid() == 0 and shutil.which("runuser") is None:
+            return "running as root without runuser (PgBouncer refuses root)"
+        return None
+
+    def url_for(self, url: str) -> str:
+        return make_url(url).set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
+
+    def start(self) -> None:
+        command = [str(self.BINARY), "-d", str(self.folder / "pgbouncer.ini")]
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, user="postgres")
+            for path in self.folder.iterdir():
+                shutil.chown(path, user="postgres")
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
+        wait_for(lambda: _accepts(self.port), 30, "PgBouncer to listen")
+
+    def stop(self) -> None:
+        pid = self.folder / "pid"
+        if pid.is_file():
+            os.kill(int(pid.read_text()), signal.SIGTERM)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+# A model that, in the first process to take the token file $HANG_TOKEN, stops in the training step after
+# $HANG_AFTER evaluated epochs (each checkpointed first) until the file "$HANG_TOKEN.release" appears: a worker busy
+# in its trial at a moment the test chooses.  Other processes train straight through.
+GATED_MODEL = """
+import os, threading
+from torch import nn
+
+class Gated(nn.Module):
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, num_classes))
+        self.evaluations = 0
+
+    def forward(self, x):
+        if not self.training:
+            self.evaluations += 1  # once per epoch: the validation pass
+        elif self.evaluations >= int(os.environ["HANG_AFTER"]) and _took_token():
+            released = os.environ["HANG_TOKEN"] + ".release"
+            while not os.path.exists(released):
+                threading.Event().wait(0.05)  # seconds; a signal is handled here
+        return self.net(x)
+
+def _took_token():
+    token = os.environ["HANG_TOKEN"]
+    try:
+        os.rename(token, f"{token}.{os.getpid()}")  # atomic: one process only
+        return True
+    except FileNotFoundError:
+        return os.path.exists(f"{token}.{os.getpid()}")
+
+def build(in_channels, num_classes, image_size):
+    return Gated(in_channels, num_classes)
+"""
+
+
+class GatedStudy:
+    """A one-point study on tiny pictures whose trials a test can hold in place (GATED_MODEL)."""
+
+    def __init__(self, folder: Path, *, max_epochs: int, hang_after: int, url: str | None = None) -> None:
+        pictures = random_image_folder(folder / "pictures", train=8, test=2, size=12, seed=1)
+        (folder / "gated.py").write_text(GATED_MODEL)
+        self.file = folder / "gated.toml"
+        self.file.write_text(
+            f'[study]\nname = "gated"\n[data]\ndataset = "image_folder"\ndata_dir = "{pictures.as_posix()}"\n'
+            f'image_size = 12\n[train]\nmax_epochs = {max_epochs}\ndevice = "cpu"\n[model]\nname = "gated:build"\n'
+            '[space]\nlr = 0.01\nbatch_size = 4\n[pruner]\ntype = "none"\n'
+        )
+        self.url = url or f"sqlite:///{folder / 'hpo.db'}"
+        self.checkpoints = folder / "ckpt"
+        self.token = folder / "hang-token"
+        self.env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join([str(folder), *sys.path]), HANG_TOKEN=str(self.token),
+            HANG_AFTER=str(hang_after),
+        )
+
+    def worker(self, n_trials: int = 1) -> Worker:
+        return Worker(
+            "--study", str(self.file), "--n-trials", str(n_trials), "--storage", self.url, "--checkpoint-dir",
+            str(self.checkpoints), "--heartbeat-interval", "1", "--grace-period", "3", env=self.env,
+        )
+
+    def held(self, worker: Worker) -> None:
+        """Wait until ``worker`` holds at the gate."""
+        held_at = Path(f"{self.token}.{worker.process.pid}")
+        wait_for(lambda: held_at.exists() or worker.process.poll() is not None, 120, "the worker to reach the gate")
+        assert held_at.exists(), worker.output
+
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return optuna.load_study(study_name="gated", storage=self.url).trials

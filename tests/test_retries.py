@@ -7,7 +7,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,12 +14,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import random_image_folder
-from faults import Worker, fresh_database, server_url, wait_for
+from faults import GatedStudy, Worker, fresh_database, server_url
 from hpo.tuning.retry import FAILURES_ATTR, MAX_RETRY, Requeue
-
-# Seconds between heartbeats and without one before a trial is reaped, kept short for the tests.
-BEAT = ("--heartbeat-interval", "1", "--grace-period", "3")
 
 
 def _retries_of(trials: list[optuna.trial.FrozenTrial], number: int) -> list[optuna.trial.FrozenTrial]:
@@ -136,78 +131,6 @@ def test_racing_reapers_requeue_each_orphan_of_a_killed_worker_once(tmp_path: Pa
     else:
         with fresh_database(server_url("postgresql")) as url:
             run(url)
-
-
-# A model that, in the first process to take the token file $HANG_TOKEN, stops in the training step after
-# $HANG_AFTER evaluated epochs (each checkpointed first) until the file "$HANG_TOKEN.release" appears: a worker busy
-# in its trial at a moment the test chooses.  Other processes train straight through.
-GATED_MODEL = """
-import os, threading
-from torch import nn
-
-class Gated(nn.Module):
-    def __init__(self, in_channels, num_classes):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(4, num_classes))
-        self.evaluations = 0
-
-    def forward(self, x):
-        if not self.training:
-            self.evaluations += 1  # once per epoch: the validation pass
-        elif self.evaluations >= int(os.environ["HANG_AFTER"]) and _took_token():
-            released = os.environ["HANG_TOKEN"] + ".release"
-            while not os.path.exists(released):
-                threading.Event().wait(0.05)  # seconds; a signal is handled here
-        return self.net(x)
-
-def _took_token():
-    token = os.environ["HANG_TOKEN"]
-    try:
-        os.rename(token, f"{token}.{os.getpid()}")  # atomic: one process only
-        return True
-    except FileNotFoundError:
-        return os.path.exists(f"{token}.{os.getpid()}")
-
-def build(in_channels, num_classes, image_size):
-    return Gated(in_channels, num_classes)
-"""
-
-
-class GatedStudy:
-    """A one-point study on tiny pictures whose trials a test can hold in place (GATED_MODEL)."""
-
-    def __init__(self, folder: Path, *, max_epochs: int, hang_after: int) -> None:
-        pictures = random_image_folder(folder / "pictures", train=8, test=2, size=12, seed=1)
-        (folder / "gated.py").write_text(GATED_MODEL)
-        self.file = folder / "gated.toml"
-        self.file.write_text(
-            f'[study]\nname = "gated"\n[data]\ndataset = "image_folder"\ndata_dir = "{pictures.as_posix()}"\n'
-            f'image_size = 12\n[train]\nmax_epochs = {max_epochs}\ndevice = "cpu"\n[model]\nname = "gated:build"\n'
-            '[space]\nlr = 0.01\nbatch_size = 4\n[pruner]\ntype = "none"\n'
-        )
-        self.url = f"sqlite:///{folder / 'hpo.db'}"
-        self.checkpoints = folder / "ckpt"
-        self.token = folder / "hang-token"
-        self.env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join([str(folder), *sys.path]), HANG_TOKEN=str(self.token),
-            HANG_AFTER=str(hang_after),
-        )
-
-    def worker(self, n_trials: int = 1) -> Worker:
-        return Worker(
-            "--study", str(self.file), "--n-trials", str(n_trials), "--storage", self.url, "--checkpoint-dir",
-            str(self.checkpoints), *BEAT, env=self.env,
-        )
-
-    def held(self, worker: Worker) -> None:
-        """Wait until ``worker`` holds at the gate."""
-        held_at = Path(f"{self.token}.{worker.process.pid}")
-        wait_for(lambda: held_at.exists() or worker.process.poll() is not None, 120, "the worker to reach the gate")
-        assert held_at.exists(), worker.output
-
-    def trials(self) -> list[optuna.trial.FrozenTrial]:
-        return optuna.load_study(study_name="gated", storage=self.url).trials
 
 
 def _clean(worker: Worker) -> None:
