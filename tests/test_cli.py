@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from conftest import image_folder, write_study
+from faults import server_url
 from hpo.cli import EXIT_STORAGE_UNAVAILABLE
 from hpo.run import main
 
@@ -179,20 +179,17 @@ def test_storage_from_environment_is_named(workdir: Path, capsys: pytest.Capture
 
 
 @pytest.mark.parametrize(
-    ("variable", "replace", "refusal"),
+    ("server", "refusal"),
     [
-        ("HPO_TEST_POSTGRES_URL", "/hpo_no_such_database", 'database "hpo_no_such_database" does not exist'),
-        ("HPO_TEST_MYSQL_URL", "/hpo_no_such_database", "Unknown database 'hpo_no_such_database'"),
+        ("postgresql", 'database "hpo_no_such_database" does not exist'),
+        ("mariadb", "Unknown database 'hpo_no_such_database'"),
     ],
 )
 def test_a_server_that_refuses_at_start_is_one_line_at_once(
-    workdir: Path, capsys: pytest.CaptureFixture[str], variable: str, replace: str, refusal: str
+    workdir: Path, capsys: pytest.CaptureFixture[str], server: str, refusal: str
 ) -> None:
     """A wrong database name is not an outage: no waiting (the default patience is 300 s), exit 2."""
-    server = os.environ.get(variable)
-    if not server:
-        pytest.skip(f"{variable} is not set")
-    url = server.rsplit("/", 1)[0] + replace
+    url = server_url(server).rsplit("/", 1)[0] + "/hpo_no_such_database"
     _fails(capsys, ["--study", "quick", "--n-trials", "2", "--storage", url], "--storage: cannot connect to", refusal)
 
 
