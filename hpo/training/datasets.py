@@ -261,9 +261,11 @@ def _load_torchvision(name: str, info: DatasetInfo, root: Path, *, download: boo
 
     assert info.torchvision_class is not None
     cls = getattr(torchvision.datasets, info.torchvision_class)
-    logger.info("reading %s through torchvision in %s", name, root)
+    if download:  # said once: the first try, without downloading, finds no files and says nothing
+        logger.info("downloading %s through torchvision into %s (what is missing)", name, root)
     train = cls(str(root), train=True, download=download)
     test = cls(str(root), train=False, download=False)
+    logger.info("read %s through torchvision from %s", name, root)
 
     def images(part: object) -> torch.Tensor:
         array = torch.as_tensor(part.data)  # type: ignore[attr-defined]
