@@ -300,3 +300,27 @@ def test_two_workers_on_one_multi_objective_study_keep_every_trial_and_its_twin_
         twin = twins[trial.user_attrs["curve_trial"]]
         assert twin.user_attrs["trial"] == trial.number and twin.state == trial.state
         assert list(twin.intermediate_values.values()) == trial.user_attrs.get(CURVE_ATTR, [])
+
+
+def test_the_reaper_ends_the_curve_twin_of_a_trial_ended_without_its_worker(tmp_path: Path) -> None:
+    """A multi-objective trial reaped (its worker killed) leaves its twin RUNNING in the curves study: the reaper ends
+    it; the twin of a live trial, and a twin not yet linked to its trial, are left alone."""
+    from hpo.tuning.heartbeat import Reaper
+    from hpo.tuning.outage import StorageGuard
+    from hpo.tuning.pareto import TWIN_OF_ATTR, curves_study_name
+    from hpo.tuning.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}", "test")
+    study = optuna.create_study(study_name="mo", storage=storage, directions=["minimize", "minimize"])
+    curves = optuna.create_study(study_name=curves_study_name("mo"), storage=storage)
+    dead, live = study.ask(), study.ask()
+    for owner in (dead, live):
+        twin = curves.ask()
+        twin.set_user_attr(TWIN_OF_ATTR, owner.number)
+    unlinked = curves.ask()
+    study.tell(dead, state=TrialState.FAIL)  # as a reaper does to a trial whose worker was killed
+    reaper = Reaper(study=study, guard=StorageGuard(shown="test"), interval=1, grace_period=60, curves="mo:curves",
+                    storage=storage)
+    reaper.reap()
+    assert [t.state for t in curves.trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
+    assert curves.trials[2].number == unlinked.number

@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.tuning.outage import StorageGuard, reason
+from hpo.tuning.pareto import TWIN_OF_ATTR
 from hpo.tuning.retry import retry_callback
 
 logger = logging.getLogger(__name__)
@@ -147,10 +148,15 @@ class Reaper(_StoppableThread):
 
     def __init__(
         self, *, study: optuna.Study, guard: StorageGuard, interval: float, grace_period: float,
-        lock: threading.Lock | None = None,
+        lock: threading.Lock | None = None, curves: str | None = None,
+        storage: optuna.storages.BaseStorage | None = None,
     ) -> None:
         super().__init__(name="hpo-reaper")
         self.study = study
+        # Multi-objective: the curves study's name, whose twins of trials ended without their worker are ended too.
+        self.curves = curves
+        self.storage = storage
+        self._curves: optuna.Study | None = None  # loaded at the first round that finds it
         self.guard = guard
         self.interval = interval
         self.grace_period = grace_period
@@ -181,4 +187,29 @@ class Reaper(_StoppableThread):
             logger.warning("trial %d was never claimed by a worker: marked FAIL and re-queued", trial.number)
             # Not the configuration's failure: a storage hiccup between asking for a trial and claiming it.
             retry_callback(interrupted=True)(self.study, failed)
+        if self.curves is not None and self.storage is not None:
+            self._end_orphaned_twins(self.curves, self.storage)
 
+    def _end_orphaned_twins(self, name: str, storage: optuna.storages.BaseStorage) -> None:
+        """A multi-objective trial ended without its worker (reaped, failed by hand) leaves its twin in the curves
+        study RUNNING; it is marked FAIL too.  A live worker ends the twin before its trial, so a RUNNING twin
+        whose trial is not RUNNING has no worker."""
+        if self._curves is None:
+            try:
+                self._curves = optuna.load_study(study_name=name, storage=storage)
+            except KeyError:
+                return  # no trial has started a twin yet
+        curves = self._curves
+        twins = curves.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not twins:
+            return
+        live = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        for twin in twins:
+            owner = twin.user_attrs.get(TWIN_OF_ATTR)
+            if owner is None or owner in live:
+                continue  # a twin is RUNNING a moment before it names its trial
+            try:
+                curves.tell(twin.number, state=TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # ended meanwhile
+            logger.info("the curve of trial %s, ended without its worker, marked FAIL", owner)

@@ -341,10 +341,13 @@ class TrialRun:
         if state == optuna.trial.TrialState.COMPLETE:
             value = score(best_epoch(self.history, self.metric), self.metric)
         study = twin.study
-        self.objective.guard.attempt(
-            f"end the curve of trial {self.trial.number}",
-            lambda: study.tell(twin.number, value, state=state, skip_if_finished=True),
-        )
+        try:
+            self.objective.guard.attempt(
+                f"end the curve of trial {self.trial.number}",
+                lambda: study.tell(twin.number, value, state=state, skip_if_finished=True),
+            )
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # a reaper ended the twin of a trial it found ended (hpo.tuning.heartbeat.Reaper)
 
     def _train(self) -> float | list[float]:
         objective = self.objective

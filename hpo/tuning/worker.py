@@ -27,7 +27,7 @@ from hpo.tuning.budget import Next, Tally
 from hpo.tuning.heartbeat import Heartbeat, ProgressClock, Reaper
 from hpo.tuning.objective import TrialAbandoned, TrialFailed
 from hpo.tuning.outage import StorageGuard
-from hpo.tuning.pareto import values_text
+from hpo.tuning.pareto import curves_study_name, values_text
 from hpo.tuning.retry import retry_callback
 from hpo.tuning.study import grid_exhausted
 
@@ -250,8 +250,10 @@ def run_worker(
     previous = {signum: signal.signal(signum, worker.stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     reaper = None
     if heartbeat_interval:
+        curves = curves_study_name(study.study_name) if len(study.directions) > 1 else None
         reaper = Reaper(
-            study=study, guard=guard, interval=heartbeat_interval, grace_period=grace_period, lock=worker.study_lock
+            study=study, guard=guard, interval=heartbeat_interval, grace_period=grace_period, lock=worker.study_lock,
+            curves=curves, storage=storage,
         )
         reaper.start()
     try:
