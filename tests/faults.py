@@ -367,10 +367,10 @@ class GatedStudy:
             HANG_AFTER=str(hang_after),
         )
 
-    def worker(self, n_trials: int = 1) -> Worker:
+    def worker(self, n_trials: int = 1, *extra: str) -> Worker:
         return Worker(
             "--study", str(self.file), "--n-trials", str(n_trials), "--storage", self.url, "--checkpoint-dir",
-            str(self.checkpoints), "--heartbeat-interval", "1", "--grace-period", "3", env=self.env,
+            str(self.checkpoints), "--heartbeat-interval", "1", "--grace-period", "3", *extra, env=self.env,
         )
 
     def held(self, worker: Worker) -> None:

@@ -321,66 +321,25 @@ def test_workers_on_an_empty_data_folder_download_one_at_a_time(tmp_path: Path) 
                 process.kill()
 
 
-# A model whose forward pass hangs in epoch 2 of the first process to take the token file $HANG_TOKEN: a worker alive
-# but stuck, as on a hung device call, while its heartbeat thread goes on. Epoch 1 ends (and is checkpointed) first.
-STUCK_MODEL = """
-import os, threading
-from torch import nn
-
-class Hangs(nn.Module):
-    def __init__(self, in_channels, num_classes):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(4, num_classes))
-        self.evaluations = 0
-
-    def forward(self, x):
-        if not self.training:
-            self.evaluations += 1  # once per epoch: the validation pass
-        elif self.evaluations >= 1 and _took_token():
-            threading.Event().wait()  # for ever
-        return self.net(x)
-
-def _took_token():
-    token = os.environ["HANG_TOKEN"]
-    try:
-        os.rename(token, f"{token}.{os.getpid()}")  # atomic: one process only
-        return True
-    except FileNotFoundError:
-        return os.path.exists(f"{token}.{os.getpid()}")
-
-def build(in_channels, num_classes, image_size):
-    return Hangs(in_channels, num_classes)
-"""
-
-
 @pytest.mark.slow
-def test_a_worker_stuck_in_its_trial_stops_beating_and_another_finishes_the_study(tmp_path: Path, pictures: Path) -> None:
-    from faults import wait_for
+def test_a_worker_stuck_in_its_trial_stops_beating_and_another_finishes_the_study(tmp_path: Path) -> None:
+    """A model that hangs in epoch 2 (faults.GATED_MODEL, never released): a worker alive but stuck, as on a hung
+    device call, while its heartbeat thread goes on.  Epoch 1 ends (and is checkpointed) first."""
+    from faults import GatedStudy
 
-    (tmp_path / "stuck.py").write_text(STUCK_MODEL)
-    study_file = tmp_path / "stuck.toml"
-    study_file.write_text(
-        f'[study]\nname = "stuck"\n[data]\ndataset = "image_folder"\ndata_dir = "{pictures.as_posix()}"\n'
-        'image_size = 12\n[train]\nmax_epochs = 12\ndevice = "cpu"\n[model]\nname = "stuck:build"\n'
-        '[space]\nlr = 0.01\nbatch_size = 4\n[pruner]\ntype = "none"\n'
-    )
-    url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    token = tmp_path / "hang-token"
-    token.touch()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HANG_TOKEN=str(token))
-    argv = [sys.executable, "-m", "hpo.run", "--study", str(study_file), "--n-trials", "2", "--storage", url, "-q",
-            "--heartbeat-interval", "1", "--grace-period", "3", "--stall-timeout", "8"]
-    stuck = subprocess.Popen(argv, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    study = GatedStudy(tmp_path, max_epochs=12, hang_after=1)
+    study.token.touch()
+    stall = ("--stall-timeout", "8", "-q")
+    stuck = study.worker(2, *stall)
     try:
-        wait_for(lambda: list(tmp_path.glob("hang-token.*")), 120, "the first worker to hang in its trial's epoch 2")
-        other = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-        assert other.returncode == 0, other.stderr
+        study.held(stuck)
+        other = study.worker(2, *stall)
+        assert other.wait(timeout=180) == 0, other.output
     finally:
         stuck.kill()
-        _, stuck_err = stuck.communicate(timeout=60)
-    assert "no progress on this worker's trial" in stuck_err and "--stall-timeout 8 s" in stuck_err, stuck_err
-    trials = optuna.load_study(study_name="stuck", storage=url).trials
+    stuck.wait(timeout=60)
+    assert "no progress on this worker's trial" in stuck.output and "--stall-timeout 8 s" in stuck.output, stuck.output
+    trials = study.trials()
     assert trials[0].state == TrialState.FAIL
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(trials) == 3
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
