@@ -315,3 +315,15 @@ def test_commands_are_recognized_however_they_are_spelled() -> None:
     assert _program(["hpo", "report", "--study", "quick"]) == ("hpo.report", ["--study", "quick"])
     assert _program(["python", "bench/search.py", "--data", "x"]) == ("bench/search.py", ["--data", "x"])
     assert _program(["python", "-m", "pytest"])[0] is None and _program(["pip", "install", "."])[0] is None
+
+
+@pytest.mark.parametrize("module", ["hpo.launching.run_args", "hpo.report", "hpo.best", "hpo.dashboard", "hpo.submit"])
+def test_every_flag_of_every_command_is_in_the_command_reference(module: str) -> None:
+    import argparse
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    parsers = [parser, *(p for a in parser._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values())]
+    flags = {o for p in parsers for a in p._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    text = (ROOT / "docs" / "commands.md").read_text()
+    assert not sorted(f for f in flags if f"`{f}" not in text), "flags missing from docs/commands.md"
