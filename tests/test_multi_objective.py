@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -55,14 +55,25 @@ class _Counting(nn.Module):
         return self.dropout(self.linear(x.flatten(1)))
 
 
-def test_latency_is_the_median_of_timed_runs_after_warm_up_and_leaves_model_and_random_state_alone() -> None:
+def test_latency_is_the_median_of_timed_runs_after_warm_up_and_leaves_model_and_random_state_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    from hpo.training import measure
+
+    # A clock of our own: each timed pass lasts a chosen number of milliseconds, so the median is known
+    # exactly and nothing depends on how fast this machine is.
+    durations_ms = [float(((7 * i) % LATENCY_RUNS) ** 2) for i in range(LATENCY_RUNS)]  # median 49, mean 70
+    ticks = iter([t for i, d in enumerate(durations_ms) for t in (float(i), i + d / 1000.0)])
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
     model = _Counting().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     CALLS.clear()
     milliseconds = latency_ms(model, (3, 4, 4), torch.device("cpu"))
     assert CALLS == [1] * (LATENCY_WARMUP + LATENCY_RUNS), "warm-up passes, then timed ones, one image each"
-    assert math.isfinite(milliseconds) and milliseconds > 0
+    assert milliseconds == pytest.approx(statistics.median(durations_ms))
     assert torch.equal(torch.get_rng_state(), rng), "no draw from the random state the trial trains with"
     assert model.training, "the trial's model stays in training mode"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
