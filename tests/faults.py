@@ -16,12 +16,15 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
@@ -57,6 +60,27 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> obje
             return found
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def answer_when_up(server: subprocess.Popen[str], url: str, timeout: float) -> bytes:
+    """The body ``url`` answers once ``server`` (a process just started) listens; the test fails if it exits first
+    or stays silent for ``timeout`` s."""
+
+    def attempt() -> tuple[bytes] | None:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return (response.read(),)
+        except urllib.error.HTTPError:
+            raise
+        except (urllib.error.URLError, ConnectionError):
+            if server.poll() is not None:
+                output = server.stdout.read() if server.stdout else ""
+                pytest.fail(f"{server.args} exited with {server.returncode}: {output}")
+            return None
+
+    answered = wait_for(attempt, timeout, f"{url} to answer")
+    assert isinstance(answered, tuple)
+    return answered[0]
 
 
 def running_with_epochs(url: str, name: str) -> optuna.trial.FrozenTrial | None:

@@ -7,9 +7,6 @@ import io
 import json
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all
 from optuna.trial import TrialState
 
 from conftest import FinishedStudy, random_image_folder
+from faults import answer_when_up
 from hpo.launching.run_args import parse_run_args, worker_argv
 from hpo.report import main as report
 from hpo.tuning.artifacts import _Prefixed, parse_s3
@@ -176,27 +174,11 @@ def test_the_dashboard_serves_the_artifacts(told_study: FinishedStudy, tmp_path:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        body = _get_when_up(f"http://127.0.0.1:{port}/artifacts/{study_id}/{summary.artifact_id}", server)
+        body = answer_when_up(server, f"http://127.0.0.1:{port}/artifacts/{study_id}/{summary.artifact_id}", START_TIMEOUT_S)
     finally:
         server.terminate()
         server.wait(timeout=10)
     assert body == (tmp_path / "out" / "summary.json").read_bytes() and json.loads(body)["study"] == told_study.name
-
-
-def _get_when_up(address: str, server: subprocess.Popen[str]) -> bytes:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            with urllib.request.urlopen(address, timeout=10) as response:
-                return response.read()
-        except (urllib.error.URLError, ConnectionError) as exc:
-            if isinstance(exc, urllib.error.HTTPError):
-                raise
-            if server.poll() is not None:
-                pytest.fail(f"hpo.dashboard exited with {server.returncode}: {server.stdout.read() if server.stdout else ''}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"hpo.dashboard did not answer within {START_TIMEOUT_S} s")
-            time.sleep(0.2)
 
 
 @pytest.mark.slow

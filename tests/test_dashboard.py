@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import FinishedStudy, missing
+from faults import answer_when_up
 from hpo.dashboard import main
 from hpo.studyfile.samplers import MedianPrunerSpec, PercentilePrunerSpec, SuccessiveHalvingPrunerSpec
 from hpo.tuning.notes import Pruned, pruning_note, write_pruning_note
@@ -47,17 +47,7 @@ def dashboard(finished_study: FinishedStudy) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                _get_json(f"{base}/api/meta")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if server.poll() is not None:
-                    pytest.fail(f"hpo.dashboard exited with {server.returncode}: {server.stdout.read() if server.stdout else ''}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"hpo.dashboard did not answer on {base} within {START_TIMEOUT_S} s")
-                time.sleep(0.2)
+        answer_when_up(server, f"{base}/api/meta", START_TIMEOUT_S)
         yield base
     finally:
         server.terminate()

@@ -276,17 +276,22 @@ def test_a_study_created_again_under_its_name_never_resumes_the_old_studys_weigh
     assert old_path.is_file(), "the old study's file is not touched"
 
 
+def _release(process: subprocess.Popen[str]) -> None:
+    assert process.stdin is not None
+    process.stdin.write("\n")
+    process.stdin.flush()
+
+
 # A stand-in for a worker's dataset download: inside the download lock it says so, then waits to be released.
 DOWNLOADER = """
-import logging, sys, time
+import logging, sys
 from pathlib import Path
 from hpo.training.datasets import download_lock
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 root, name = Path(sys.argv[1]), sys.argv[2]
 with download_lock(root):
     (root / f"{name}-inside").touch()
-    while not (root / f"{name}-release").exists():
-        time.sleep(0.05)
+    sys.stdin.readline()  # released by the test: a line on stdin
 """
 
 
@@ -300,7 +305,7 @@ def test_workers_on_an_empty_data_folder_download_one_at_a_time(tmp_path: Path) 
 
     def downloader(name: str) -> subprocess.Popen[str]:
         processes.append(subprocess.Popen([sys.executable, "-c", DOWNLOADER, str(root), name], env=env, text=True,
-                                          stderr=subprocess.PIPE))
+                                          stdin=subprocess.PIPE, stderr=subprocess.PIPE))
         return processes[-1]
 
     first = downloader("first")
@@ -311,9 +316,9 @@ def test_workers_on_an_empty_data_folder_download_one_at_a_time(tmp_path: Path) 
         line = wait_for(second.stderr.readline, 60, "the second process to report its wait")
         assert f"waiting for another process's download into {root}" in str(line)
         assert not (root / "second-inside").exists(), "two downloads into one folder at once"
-        (root / "first-release").touch()
+        _release(first)
         wait_for(lambda: (root / "second-inside").exists(), 60, "the second download to start after the first")
-        (root / "second-release").touch()
+        _release(second)
         assert second.wait(timeout=60) == 0 and first.wait(timeout=60) == 0
     finally:
         for process in processes:
