@@ -397,6 +397,18 @@ class GatedStudy:
             str(self.checkpoints), "--heartbeat-interval", "1", "--grace-period", "3", *extra, env=self.env,
         )
 
+    def signalled(self, signum: int, n_trials: int = 1) -> Worker:
+        """A new worker, held at the gate (the token laid out for it), then sent ``signum``."""
+        self.token.touch()
+        worker = self.worker(n_trials)
+        try:
+            self.held(worker)
+            worker.process.send_signal(signum)
+        except BaseException:
+            worker.kill()
+            raise
+        return worker
+
     def held(self, worker: Worker) -> None:
         """Wait until ``worker`` holds at the gate."""
         held_at = Path(f"{self.token}.{worker.process.pid}")

@@ -143,11 +143,8 @@ def test_interruptions_never_use_up_the_retries_of_a_trial(tmp_path: Path) -> No
     configuration is re-queued every time and finishes.  On the old main the fourth interruption dropped it."""
     study = GatedStudy(tmp_path, max_epochs=8, hang_after=1)
     for _ in range(MAX_RETRY + 1):
-        study.token.touch()
-        worker = study.worker()
+        worker = study.signalled(signal.SIGTERM)
         try:
-            study.held(worker)
-            worker.process.send_signal(signal.SIGTERM)
             assert worker.wait(timeout=60) == 128 + signal.SIGTERM, worker.output
         finally:
             worker.kill()
@@ -168,11 +165,8 @@ def test_interruptions_never_use_up_the_retries_of_a_trial(tmp_path: Path) -> No
 def test_a_worker_killed_before_its_trials_first_epoch_is_reaped_and_the_study_finishes(tmp_path: Path) -> None:
     """kill -9 between the claim and the first epoch: the trial has a heartbeat, goes stale and is retried."""
     study = GatedStudy(tmp_path, max_epochs=2, hang_after=0)
-    study.token.touch()
-    killed = study.worker()
+    killed = study.signalled(signal.SIGKILL)
     try:
-        study.held(killed)
-        killed.process.send_signal(signal.SIGKILL)
         killed.wait(timeout=60)
         other = study.worker()
         code = other.wait(timeout=120)
@@ -192,11 +186,8 @@ def test_a_frozen_worker_is_taken_over_and_on_thawing_writes_nothing_of_the_tria
     study; the frozen worker, thawed, neither records the trial nor writes its checkpoint, and exits 0.  On the
     old main it wrote epoch 2's checkpoint onto the file its retry owned."""
     study = GatedStudy(tmp_path, max_epochs=4, hang_after=1)
-    study.token.touch()
-    frozen = study.worker()
+    frozen = study.signalled(signal.SIGSTOP)
     try:
-        study.held(frozen)
-        frozen.process.send_signal(signal.SIGSTOP)
         other = study.worker()
         assert other.wait(timeout=120) == 0, other.output
         assert not list(study.checkpoints.rglob("*.pt")), "the finished retry's checkpoint was removed"
