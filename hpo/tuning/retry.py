@@ -28,8 +28,13 @@ MAX_RETRY = 3
 FAILURES_ATTR = "failures"
 STARTED_AT_ATTR = "started_at_epoch"
 
-# Optuna >= 4.9 names the callback RetryHeartbeatStaleTrialCallback; older versions RetryFailedTrialCallback.
-_RETRY_CALLBACK = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+# Optuna >= 4.9 names the callback RetryHeartbeatStaleTrialCallback, and RDBStorage's argument for it
+# heartbeat_stale_trial_callback; older versions RetryFailedTrialCallback and failed_trial_callback.
+_NEW_NAMES = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+_RETRY_CALLBACK = (
+    optuna.storages.RetryHeartbeatStaleTrialCallback if _NEW_NAMES else optuna.storages.RetryFailedTrialCallback
+)
+STALE_CALLBACK_ARG = "heartbeat_stale_trial_callback" if _NEW_NAMES else "failed_trial_callback"
 
 
 class Requeue:

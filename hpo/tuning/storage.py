@@ -20,15 +20,9 @@ from sqlalchemy.engine import URL, make_url
 
 from hpo.errors import StorageError, first_line
 from hpo.tuning.outage import StorageGuard, absorb_start_race
-from hpo.tuning.retry import retry_callback
+from hpo.tuning.retry import STALE_CALLBACK_ARG, retry_callback
 
 logger = logging.getLogger(__name__)
-
-# Optuna >= 4.9 renamed the storage's argument for the callback on trials failed for a stale heartbeat.
-_STALE_CALLBACK_ARG = (
-    "heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
-    else "failed_trial_callback"
-)
 
 # One file holds many studies, which is what optuna-dashboard expects to be pointed at.
 DEFAULT_STORAGE = "sqlite:///hpo.db"
@@ -287,7 +281,7 @@ def open_storage(
         heartbeat = {
             "heartbeat_interval": heartbeat_interval,
             "grace_period": grace_period if grace_period is not None else 3 * heartbeat_interval,
-            _STALE_CALLBACK_ARG: retry_callback(),
+            STALE_CALLBACK_ARG: retry_callback(),
         }
     try:
         if path is not None:
