@@ -70,6 +70,8 @@ CONNECTION_POLL_S = 0.2
 class TrialTiming:
     storage_s: float  # main-thread time inside storage calls during this trial's loop iteration
     outside_s: float  # wall time of the iteration minus the stand-in training's sleep
+    epoch_end_s: float = 0.0  # of outside_s, the time in the per-epoch callback (report, should_prune, flush)
+    epochs: int = 0  # epochs this run of the trial trained
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class WorkerReport:
     timings: tuple[TrialTiming, ...]
     error: str | None
     calls: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # storage method -> [calls, seconds]
+    join_s: float = math.nan  # from opening the storage to the first trial's training, less the wait for "go"
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,11 @@ class Row:
     errors: int
     surplus: int
     calls_per_trial: float  # worker 0's storage calls per trial (main thread, outermost)
+    # Time outside training split into per-trial and per-epoch parts, each worker's first trial (its join) left out:
+    per_trial_ms: float = math.nan  # mean per trial, less the per-epoch callbacks
+    per_epoch_ms: float = math.nan  # mean per epoch trained, in the per-epoch callback
+    epochs_per_trial: float = math.nan  # epochs trained per trial in this run
+    join_s: float = math.nan  # the slowest worker's join (WorkerReport.join_s)
 
 
 def bench_spec(*, epochs: int) -> StudySpec:
@@ -104,19 +112,39 @@ def bench_spec(*, epochs: int) -> StudySpec:
     )
 
 
-def _stand_in_fit(epoch_seconds: float) -> Callable[..., None]:
+class EpochClock:
+    """When each training started, and the seconds and epochs inside the per-epoch callback since the last take."""
+
+    def __init__(self) -> None:
+        self.started: list[float] = []
+        self.seconds = 0.0
+        self.epochs = 0
+
+    def take(self) -> tuple[float, int]:
+        taken = (self.seconds, self.epochs)
+        self.seconds, self.epochs = 0.0, 0
+        return taken
+
+
+def _stand_in_fit(epoch_seconds: float, clock: EpochClock) -> Callable[..., None]:
     """hpo.training.fit.fit's signature and callbacks, with a sleep for each epoch's training."""
 
     def fit(model: Any, data: Any, config: Any, on_epoch_end: Callable[[EpochResult], None], **kwargs: Any) -> None:
+        clock.started.append(time.perf_counter())
         rng = random.Random(config.seed)
         start = 0 if kwargs.get("resume") is None else kwargs["resume"].epoch
         for epoch in range(start + 1, config.max_epochs + 1):
             time.sleep(epoch_seconds)
             loss = 2.0 / epoch + rng.random() * 0.2
-            on_epoch_end(EpochResult(
-                epoch=epoch, train_loss=loss, val_loss=loss, val_accuracy=1 - loss / 2.5,
-                train_seconds=epoch_seconds, seconds=epoch_seconds, images_per_second=1000.0,
-            ))
+            clock.epochs += 1
+            begun = time.perf_counter()
+            try:
+                on_epoch_end(EpochResult(
+                    epoch=epoch, train_loss=loss, val_loss=loss, val_accuracy=1 - loss / 2.5,
+                    train_seconds=epoch_seconds, seconds=epoch_seconds, images_per_second=1000.0,
+                ))
+            finally:  # a pruned epoch raises TrialPruned from the callback
+                clock.seconds += time.perf_counter() - begun
 
     return fit
 
@@ -161,8 +189,10 @@ def _worker(
 ) -> None:
     """One simulated worker process: hpo's worker loop and Objective, training replaced by a sleep."""
     timings: list[TrialTiming] = []
+    opened = time.perf_counter()
+    epoch_clock = EpochClock()
     try:
-        hpo.tuning.objective.fit = _stand_in_fit(epoch_seconds)
+        hpo.tuning.objective.fit = _stand_in_fit(epoch_seconds, epoch_clock)
         spec = dataclasses.replace(bench_spec(epochs=epochs), study=dataclasses.replace(bench_spec(epochs=epochs).study, name=study_name))
         storage = open_storage(url, "bench", heartbeat_interval=10)
         clock = StorageClock(storage)
@@ -176,19 +206,25 @@ def _worker(
 
             def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 now = time.perf_counter()
-                trained = len(trial.intermediate_values) * epoch_seconds if trial.state.is_finished() else 0.0
+                in_epochs, trained = epoch_clock.take()
                 timings.append(TrialTiming(
-                    storage_s=clock.seconds - marks["storage"], outside_s=now - marks["wall"] - trained,
+                    storage_s=clock.seconds - marks["storage"], outside_s=now - marks["wall"] - trained * epoch_seconds,
+                    epoch_end_s=in_epochs, epochs=trained,
                 ))
                 marks["wall"], marks["storage"] = now, clock.seconds
 
+            waited = time.perf_counter()
             go.wait()
             marks["wall"], marks["storage"] = time.perf_counter(), clock.seconds
+            waited = marks["wall"] - waited
+            # bench/overhead.py runs this with an older hpo too, whose worker has no claim facts.
+            facts = {"facts": objective.worker_facts()} if hasattr(objective, "worker_facts") else {}
             run_worker(
                 study, objective, storage=storage, guard=guard, budget=budget, timeout=None, heartbeat_interval=10,
-                grace_period=30, callbacks=[objective.on_trial_end, on_trial_end],
+                grace_period=30, callbacks=[objective.on_trial_end, on_trial_end], **facts,
             )
-        reports.put((index, WorkerReport(timings=tuple(timings), error=None, calls=clock.calls)))
+        join = epoch_clock.started[0] - opened - waited if epoch_clock.started else math.nan
+        reports.put((index, WorkerReport(timings=tuple(timings), error=None, calls=clock.calls, join_s=join)))
     except BaseException as exc:  # reported to the parent, which counts it as an error
         reports.put((index, WorkerReport(timings=tuple(timings), error=f"{type(exc).__name__}: {exc}")))
 
@@ -284,7 +320,7 @@ def run_workers(
             print(f"  worker {index}: {report.error}", file=sys.stderr)
     if PROFILE and collected[0].calls:
         n = max(1, len(collected[0].timings))
-        top = sorted(collected[0].calls.items(), key=lambda item: -item[1][1])[:8]
+        top = sorted(collected[0].calls.items(), key=lambda item: -item[1][1])
         print("  worker 0, storage calls per trial: " + ", ".join(f"{k} {c / n:.1f}x {1000 * s / n:.1f} ms" for k, (c, s) in top), file=sys.stderr)
     if study_name is None:
         optuna.delete_study(study_name=name, storage=setup)
@@ -297,7 +333,21 @@ def run_workers(
         connections=peak[0] if _server_connections(url) is not None else None,
         errors=errors, surplus=surplus,
         calls_per_trial=sum(c for c, _ in collected[0].calls.values()) / max(1, len(collected[0].timings)),
+        **split_outside([t for r in collected.values() for t in r.timings[1:]]),
+        join_s=max(r.join_s for r in collected.values()),
     )
+
+
+def split_outside(timings: list[TrialTiming]) -> dict[str, float]:
+    """Row's per_trial_ms, per_epoch_ms and epochs_per_trial from the trials' timings."""
+    epochs = sum(t.epochs for t in timings)
+    if not timings or not epochs:
+        return {}
+    return {
+        "per_trial_ms": 1000 * statistics.fmean(t.outside_s - t.epoch_end_s for t in timings),
+        "per_epoch_ms": 1000 * sum(t.epoch_end_s for t in timings) / epochs,
+        "epochs_per_trial": epochs / len(timings),
+    }
 
 
 def fill(study: optuna.Study, n: int, *, epochs: int, seed: int) -> None:
@@ -316,8 +366,9 @@ def fill(study: optuna.Study, n: int, *, epochs: int, seed: int) -> None:
         values = {e: 2.0 / e + rng.random() * 0.2 for e in range(1, epochs + 1)}
         trials.append(optuna.trial.create_trial(
             params=params, distributions=distributions, value=min(values.values()), intermediate_values=values,
-            user_attrs={"seed": rng.randrange(2**31), "params": 100_000, "device": "cpu", "host": "bench", "pid": 1,
-                        "epochs": epochs, "best_epoch": epochs, "val_accuracy": 0.5, "seconds_per_epoch": 1.0,
+            # What a trial of this hpo stores (hpo.tuning.records); hpo 0.2's trials had six more attrs each.
+            user_attrs={"worker": {"host": "bench", "pid": 1, "device": "cpu", "precision": "fp32", "trial": 0},
+                        "seed": rng.randrange(2**31), "params": 100_000, "val_accuracy": 0.5, "seconds_per_epoch": 1.0,
                         "images_per_second": 1000.0},
         ))
     study.add_trials(trials)

@@ -329,7 +329,7 @@ def test_a_worker_cut_off_past_the_grace_period_leaves_its_trial_to_the_worker_t
     assert f"trial {victim.number} was ended (FAIL)" in line and "without writing" in line, cut_off.output
     trials = _assert_all_done(direct, "cutoff", 2)
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
-    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and retry.user_attrs["pid"] != victim.user_attrs["pid"]
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and retry.user_attrs["worker"]["pid"] != victim.user_attrs["worker"]["pid"]
     assert retry.user_attrs["resumed_from_epoch"] >= 1
 
 

@@ -83,6 +83,6 @@ def test_workers_through_pgbouncer_keep_the_budget_and_reap_a_killed_workers_tri
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 4 and not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     killed = trials[0]
-    assert killed.state == TrialState.FAIL and killed.user_attrs["pid"] == victim.process.pid
+    assert killed.state == TrialState.FAIL and killed.user_attrs["worker"]["pid"] == victim.process.pid
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] == 1

@@ -117,5 +117,5 @@ def test_each_trial_stores_the_precision_it_trained_in_and_the_worker_logs_it(
         url = f"sqlite:///{tmp_path / 'hpo.db'}"
         study = hpo.search(study_file, n_trials=1, storage=url, data=hpo.ArrayData(images, labels))
     expected = precision_for("auto", torch.device("cpu"))
-    assert study.trials[0].user_attrs["precision"] == expected
+    assert study.trials[0].user_attrs["worker"]["precision"] == expected
     assert f"training in {expected} on cpu ([train] precision = 'auto')" in caplog.text

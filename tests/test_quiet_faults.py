@@ -257,7 +257,7 @@ def test_a_study_created_again_under_its_name_never_resumes_the_old_studys_weigh
     old = open_study(spec, open_storage(url, "--storage"))
     old_trial = old.ask()
     hp = suggest(old_trial, spec.space)
-    old_path = objective.checkpoint_path(old.trials[0])
+    old_path = objective.checkpoint_path(old.trials[0].number, old.trials[0].datetime_start)
     fit(seeded_model(spec, hp, data, 0), data, train_config(spec, hp, seed=0, device=torch.device("cpu")),
         checkpoint=old_path, stop_after=1)
     assert old_path.is_file()

@@ -52,6 +52,10 @@ def test_report_of_a_tiny_study_matches_the_storage(finished_study: FinishedStud
         assert int(row["epochs_reported"]) == len(trial.intermediate_values)
         assert {name: row[name] for name in trial.params} == {name: str(v) for name, v in trial.params.items()}
         assert int(row["seed"]) == trial.user_attrs["seed"] and row["device"] == "cpu"
+        # Read off the curve and the worker's claim, not stored as attrs of their own (hpo.tuning.records).
+        assert "epochs" not in trial.user_attrs and int(row["epochs"]) == max(trial.intermediate_values)
+        best = min(trial.intermediate_values, key=lambda epoch: trial.intermediate_values[epoch])
+        assert int(row["best_epoch"]) == best and int(row["pid"]) == trial.user_attrs["worker"]["pid"]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert pruned and len(complete) >= 2, [t.state for t in trials]

@@ -205,4 +205,4 @@ def test_a_frozen_worker_is_taken_over_and_on_thawing_writes_nothing_of_the_tria
     trials = study.trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].user_attrs["resumed_from_epoch"] == 1
-    assert trials[1].user_attrs["pid"] == other.process.pid
+    assert trials[1].user_attrs["worker"]["pid"] == other.process.pid

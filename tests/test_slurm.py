@@ -97,7 +97,7 @@ def _array_of_two(submit: Callable[[Path, Path, str, int], str], tmp_path: Path,
     wait_for(lambda: not _queued(job_id), 300, f"array job {job_id} to leave the queue")
     trials = _assert_exact_budget(url, name, 6)
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len({t.user_attrs["pid"] for t in finished}) == 2, "both array tasks ran trials"
+    assert len({t.user_attrs["worker"]["pid"] for t in finished}) == 2, "both array tasks ran trials"
     return job_id
 
 

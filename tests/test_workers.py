@@ -80,7 +80,7 @@ def test_four_workers_finish_exactly_the_budget(tmp_path: Path, image_archive: P
         assert launcher.returncode == 0, out
         trials = _assert_exact_budget(url, study_name, 40)
         finished = [t for t in trials if t.state == TrialState.COMPLETE]
-        assert len({t.user_attrs["pid"] for t in finished}) == 4, "all four workers ran trials"
+        assert len({t.user_attrs["worker"]["pid"] for t in finished}) == 4, "all four workers ran trials"
         # Two workers starting the last trial in the same instant: the later one fails as surplus at once.
         assert all(t.user_attrs["fail_reason"].startswith("surplus") for t in trials if t.state == TrialState.FAIL)
         assert "[w3 cpu]" in out or "[w0 cpu]" in out, "worker output comes back prefixed"
@@ -95,8 +95,8 @@ def test_killed_worker_is_reaped_retried_and_resumed(tmp_path: Path, image_archi
     common = ("--heartbeat-interval", "1", "--grace-period", "3", "--checkpoint-dir", str(tmp_path / "ckpt"), "--quiet")
     workers = [_hpo(study_file, url, 4, *common) for _ in range(2)]
     try:
-        victim = _freeze_mid_trial(url, study_name, lambda t: t.user_attrs["pid"])
-        os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+        victim = _freeze_mid_trial(url, study_name, lambda t: t.user_attrs["worker"]["pid"])
+        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
         killed_at = datetime.now()
         for worker in workers:
             worker.communicate(timeout=180)

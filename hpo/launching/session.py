@@ -280,7 +280,7 @@ def _run_here(
         study, objective, storage=storage, guard=guard, budget=settings.n_trials, timeout=settings.timeout,
         heartbeat_interval=settings.heartbeat_interval, grace_period=checked.grace_period,
         callbacks=[objective.on_trial_end, *checked.trackers, *listeners.on_trial_end], clock=clock,
-        stall_timeout=settings.stall_timeout,
+        stall_timeout=settings.stall_timeout, facts=objective.worker_facts(),
     )
 
 

@@ -165,11 +165,14 @@ def _objective_cells(study: optuna.Study, trial: optuna.trial.FrozenTrial, front
     return {**cells, "pareto_front": trial.number in front}
 
 
-def trial_rows(study: optuna.Study) -> tuple[list[str], list[dict[str, object]]]:
+def trial_rows(study: optuna.Study, *, metric: str) -> tuple[list[str], list[dict[str, object]]]:
     """(columns, one row per trial): hyperparameters and user attrs under their own names.  A multi-objective
-    study has a column per objective, named like it, instead of ``value``, and ``pareto_front`` marks the front."""
+    study has a column per objective, named like it, instead of ``value``, and ``pareto_front`` marks the front.
+    ``epochs``, ``best_epoch`` (by ``metric``) and the worker's host, pid, device and precision are columns of
+    their own, read off the curve and the claim (:mod:`hpo.tuning.records`)."""
     from hpo.studyfile.space import PARAMETERS
     from hpo.tuning.pareto import curve, objective_names, pareto_front
+    from hpo.tuning.records import WORKER_FACTS, best_curve_epoch, epochs_trained, worker_facts
 
     trials = study.get_trials(deepcopy=False)
     multi = len(study.directions) > 1
@@ -177,7 +180,8 @@ def trial_rows(study: optuna.Study) -> tuple[list[str], list[dict[str, object]]]
     front = {t.number for t in pareto_front(study)} if multi else set()
     params = {name for t in trials for name in t.params}
     param_columns = [name for name in PARAMETERS if name in params] + sorted(params - set(PARAMETERS))
-    attr_columns = sorted({key for t in trials for key in t.user_attrs} - set(value_columns))
+    derived = ["epochs", "best_epoch", *WORKER_FACTS]
+    attr_columns = sorted(({key for t in trials for key in t.user_attrs} | set(derived)) - set(value_columns))
     columns = ["number", "state", *value_columns, "epochs_reported", "datetime_start", "datetime_complete", "duration_s"]
     columns += param_columns + attr_columns
     rows = []
@@ -193,6 +197,7 @@ def trial_rows(study: optuna.Study) -> tuple[list[str], list[dict[str, object]]]
         }
         row.update({name: t.params.get(name) for name in param_columns})
         row.update({key: t.user_attrs.get(key) for key in attr_columns})
+        row.update(epochs=epochs_trained(t) or None, best_epoch=best_curve_epoch(t, metric), **worker_facts(t))
         rows.append(row)
     return columns, rows
 
@@ -312,6 +317,6 @@ def write_report(
         page=folder / "report.html", trials=folder / "trials.csv", summary=folder / "summary.json", study_summary=summary
     )
     files.page.write_text(render_html(summary, sections(study, metric=metric)), encoding="utf-8")
-    write_csv(files.trials, *trial_rows(study))
+    write_csv(files.trials, *trial_rows(study, metric=metric))
     files.summary.write_text(summary.to_json(), encoding="utf-8")
     return files

@@ -152,7 +152,7 @@ def no_single_best(study: optuna.Study) -> str:
 
 
 def trial_epochs(trial: optuna.trial.FrozenTrial) -> int:
-    """Epochs the trial trained: its ``epochs`` user attr, else the epochs it reported."""
+    """Epochs the trial trained: the last it reported (hpo 0.2 also stored them as the ``epochs`` user attr)."""
     epochs = trial.user_attrs.get("epochs")
     return epochs if isinstance(epochs, int) else max(_curve(trial))
 

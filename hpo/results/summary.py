@@ -68,6 +68,7 @@ def summarize(study: optuna.Study, *, storage_shown: str, metric: str, max_epoch
 
     from hpo.tuning.budget import FINISHED_STATES
     from hpo.tuning.pareto import curve, objective_names, pareto_front
+    from hpo.tuning.records import best_curve_epoch
     from hpo.tuning.study import MODEL_ATTR
 
     trials = study.get_trials(deepcopy=False)
@@ -83,7 +84,7 @@ def summarize(study: optuna.Study, *, storage_shown: str, metric: str, max_epoch
     if not multi and any(t.state == TrialState.COMPLETE for t in trials):
         trial = study.best_trial
         accuracy = trial.user_attrs.get("val_accuracy")
-        epoch = trial.user_attrs.get("best_epoch")
+        epoch = best_curve_epoch(trial, metric)
         best = BestTrial(
             number=trial.number,
             value=float(trial.value),  # type: ignore[arg-type]

@@ -215,3 +215,24 @@ PRUNERS: Mapping[str, type] = {
     "threshold": ThresholdPrunerSpec,
     "none": NopPrunerSpec,
 }
+
+
+def may_prune_at(pruner: PrunerSpec, epoch: int) -> bool:
+    """Whether ``pruner`` can prune at ``epoch`` (1-based, every epoch reported), as Optuna's pruner decides it.
+
+    Each ``should_prune`` reads the study's trials from the storage (one round trip, and more for a study of
+    thousands of trials); at the epochs where the pruner answers "no" whatever the others did, hpo does not ask.
+    Median, percentile and threshold pruners decide from ``n_warmup_steps`` on, every ``interval_steps``;
+    successive halving only at its rungs, ``min_resource * reduction_factor ** (min_early_stopping_rate + k)``;
+    no pruner never.  Hyperband (a bracket per trial) and the patient pruner are always asked.
+    """
+    if isinstance(pruner, NopPrunerSpec):
+        return False
+    if isinstance(pruner, (MedianPrunerSpec, PercentilePrunerSpec, ThresholdPrunerSpec)):
+        return epoch >= pruner.n_warmup_steps and (epoch - pruner.n_warmup_steps) % pruner.interval_steps == 0
+    if isinstance(pruner, SuccessiveHalvingPrunerSpec) and pruner.min_resource is not None:
+        rung = pruner.min_resource * pruner.reduction_factor**pruner.min_early_stopping_rate
+        while rung < epoch:
+            rung *= pruner.reduction_factor
+        return rung == epoch
+    return True

@@ -7,10 +7,9 @@ Optuna and training: :mod:`hpo.training` sees plain hyperparameters and a per-ep
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
-import os
-import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from hpo.studyfile.samplers import may_prune_at
 from hpo.studyfile.space import (
     PARAMETERS,
     Distribution,
@@ -50,6 +50,7 @@ from hpo.tuning.pareto import (
     constraint_values,
     violations,
 )
+from hpo.tuning.retry import FAILURES_ATTR
 from hpo.tuning.study import open_curves_study
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,9 @@ EpochListener = Callable[[int, EpochResult], None]
 # Called when the pruner stops a trial, with the storage reachable: e.g. hpo.tuning.notes.write_pruning_note.
 PruneListener = Callable[[optuna.Trial, Pruned], None]
 
-# Seconds between writes of a running trial's progress user attrs (epochs, best_epoch, val_accuracy,
-# seconds_per_epoch, images_per_second). Each attr is one storage write, and writing all five every
-# epoch was most of a worker's storage time (bench/storage.py); they are also written when the trial ends.
+# Seconds between writes of a running trial's progress user attrs (val_accuracy, seconds_per_epoch,
+# images_per_second). Each attr is one storage write, and writing them every epoch was most of a worker's
+# storage time (bench/storage.py); they are also written when the trial ends.
 PROGRESS_WRITE_S = 30.0
 
 
@@ -211,7 +212,6 @@ class Objective:
         self.budget = budget
         self.on_epoch = on_epoch
         self.on_pruned = on_pruned
-        self.host = socket.gethostname()
         # The autocast precision [train] precision means on this device; stored with every trial as "precision".
         self.precision = precision_for(spec.train.precision, device)
         logger.info(
@@ -221,16 +221,22 @@ class Objective:
         self._checkpoints: dict[int, Path] = {}  # trial number → its checkpoint, until the trial ends
         self._curves: optuna.Study | None = None  # multi-objective: the curves study (open_curves_study)
 
-    def checkpoint_path(self, original: optuna.trial.FrozenTrial) -> Path:
-        """Where trial ``original`` (the first of a retry chain) and its retries keep their last epoch.
+    def checkpoint_path(self, number: int, started: datetime.datetime | None) -> Path:
+        """Where trial ``number`` (the first of a retry chain), started at ``started``, and its retries keep
+        their last epoch.
 
         Keyed by the original trial's start time as well as its number: a study deleted and created
         again under the same name numbers its trials from 0 again, and must not resume from the old
         study's weights.
         """
-        assert original.datetime_start is not None  # set by Optuna when the trial was asked for
-        stamp = original.datetime_start.strftime("%Y%m%dT%H%M%S%f")
-        return self.checkpoint_dir / self.spec.study.name / f"trial-{original.number}-{stamp}.pt"
+        assert started is not None  # set by Optuna when the trial was asked for
+        stamp = started.strftime("%Y%m%dT%H%M%S%f")
+        return self.checkpoint_dir / self.spec.study.name / f"trial-{number}-{stamp}.pt"
+
+    def worker_facts(self) -> dict[str, object]:
+        """What every trial of this worker shares, for the worker's claim (user attr ``worker``): written once
+        per trial with the host and pid, not as attrs of their own (each attr is one storage write)."""
+        return {"device": device_name(self.device), "precision": self.precision}
 
     def study_id(self, trial: optuna.Trial) -> int:
         if self._study_id is None:  # fixed for the study's life: looked up once
@@ -244,12 +250,17 @@ class Objective:
         if too_many is not None:
             trial.set_user_attr("fail_reason", too_many)
             raise TrialFailed("surplus")
-        # A retried trial (its worker died) keeps the seed and the checkpoint of the trial it retries.
-        stored = stored_trial(trial, self.study_id(trial))
-        number = original_number(stored)
-        original = stored if number == trial.number else _trial_by_number(trial.storage, self.study_id(trial), number)
-        path = self.checkpoint_path(original)
+        # A retried trial (its worker died) keeps the seed and the checkpoint of the trial it retries. Only a retry
+        # (Requeue gives it FAILURES_ATTR) needs the stored trial and its original: a new one has what it needs.
+        number, started = trial.number, trial.datetime_start
+        if FAILURES_ATTR in trial.user_attrs:
+            stored = stored_trial(trial, self.study_id(trial))
+            number = original_number(stored)
+            if number != trial.number:
+                started = _trial_by_number(trial.storage, self.study_id(trial), number).datetime_start
+        path = self.checkpoint_path(number, started)
         self._checkpoints[trial.number] = path
+        trial.set_user_attr("seed", trial_seed(self.spec.study.seed, number))  # at once: a killed run's retry shows it
         return number, path, suggest(trial, self.spec.space, self.spec.model.space)
 
     def on_trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -352,10 +363,7 @@ class TrialRun:
     def _train(self) -> float | list[float]:
         objective = self.objective
         model = seeded_model(objective.spec, self.hp, objective.data, self.seed)
-        self.recorder.set(
-            seed=self.seed, params=count_parameters(model), device=device_name(objective.device), host=objective.host,
-            pid=os.getpid(), precision=objective.precision,
-        )
+        self.recorder.set(params=count_parameters(model))  # the model's size; sent with the next flush
         self._measure_before_training(model)
         self._resumed()
         config = train_config(objective.spec, self.hp, seed=self.seed, device=objective.device)
@@ -426,9 +434,8 @@ class TrialRun:
         if not finite:
             return {}
         best = best_epoch(finite, self.metric)
+        # The epochs trained and the best epoch are the trial's reported curve (hpo.results.report shows them).
         return {
-            "epochs": finite[-1].epoch,
-            "best_epoch": best.epoch,
             "val_accuracy": best.val_accuracy,
             "seconds_per_epoch": sum(e.seconds for e in finite) / len(finite),
             "images_per_second": sum(e.images_per_second for e in finite) / len(finite),
@@ -478,6 +485,8 @@ class TrialRun:
             return  # the storage is away: train on, report these epochs once it is back
         if result.epoch >= self.objective.spec.train.max_epochs:
             return  # trained to the end: a verdict now saves nothing and would turn a finished result into PRUNED
+        if not may_prune_at(self.objective.spec.pruner, result.epoch):
+            return  # the pruner would answer "no" without looking: not worth its read of every trial
         # The pruner may read the trials Optuna cached for this trial, so success proves nothing.
         reachable, prune = self.objective.guard.attempt(
             f"decide on pruning trial {self.trial.number}", (self.curve_trial or self.trial).should_prune,

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import NoReturn
 
@@ -96,6 +96,7 @@ class _Worker:
         callbacks: Sequence[TrialCallback],
         clock: ProgressClock | None = None,
         stall_timeout: float = float("inf"),
+        facts: Mapping[str, object] | None = None,
     ) -> None:
         self.study = study
         self.clock = clock
@@ -110,7 +111,9 @@ class _Worker:
         # trials to asking for one: in between the study looks one trial short, and a new configuration would
         # take the place of the one being re-queued.
         self.study_lock = threading.Lock()
-        self.claim = {"host": socket.gethostname(), "pid": os.getpid()}
+        # The claim (user attr "worker") also carries what all of this worker's trials share, e.g. the device:
+        # one storage write per trial instead of one per fact.
+        self.claim = {"host": socket.gethostname(), "pid": os.getpid(), **(facts or {})}
         self.study_id = guard.call("look up the study", lambda: storage.get_study_id_from_name(study.study_name))
 
     def _ask(self) -> optuna.Trial:
@@ -128,9 +131,10 @@ class _Worker:
         """
         heartbeat = None
         if self.heartbeat_interval:
+            # Through the study's own storage, which knows the id of a trial it just created or read (no round trip).
             trial_id = self.guard.call(
                 "look up the trial",
-                lambda: self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number),
+                lambda: trial.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number),
             )
             self.guard.call("write a heartbeat", lambda: self.storage.record_heartbeat(trial_id))
             if self.clock is not None:
@@ -235,6 +239,7 @@ def run_worker(
     callbacks: Sequence[TrialCallback] = (),
     clock: ProgressClock | None = None,
     stall_timeout: float = float("inf"),
+    facts: Mapping[str, object] | None = None,
 ) -> int:
     """Run trials until the study has ``budget`` finished ones (or ``timeout`` s pass); return how many ran.
 
@@ -242,10 +247,11 @@ def run_worker(
     worker) resumes it from its last epoch checkpoint; the interrupt propagates.  A storage away for
     longer than the guard's patience raises StorageUnavailable.  With a ``clock`` that the objective
     touches at every epoch, a trial that makes no progress for ``stall_timeout`` seconds stops beating.
+    ``facts``: what every trial's claim records besides host and pid (``Objective.worker_facts``).
     """
     worker = _Worker(
         study=study, storage=storage, guard=guard, objective=objective, heartbeat_interval=heartbeat_interval,
-        callbacks=callbacks, clock=clock, stall_timeout=stall_timeout,
+        callbacks=callbacks, clock=clock, stall_timeout=stall_timeout, facts=facts,
     )
     previous = {signum: signal.signal(signum, worker.stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     reaper = None
