@@ -20,6 +20,11 @@ def _compose() -> dict:
     return yaml.safe_load((DOCKER / "compose.yaml").read_text())
 
 
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR} and ${VAR:-default} from docker/.env (``env``)."""
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1), m.group(2) or ""), text)
+
+
 def _workers(compose: dict) -> dict[str, dict]:
     return {name: svc for name, svc in compose["services"].items() if name.startswith("worker")}
 
@@ -55,8 +60,8 @@ def test_each_worker_runs_hpo_on_its_own_gpu_against_postgres() -> None:
     for name, worker in workers.items():
         args = build_parser().parse_args(worker["command"])  # every flag exists and parses
         find_study(args.study)
-        url = make_url(worker["environment"]["HPO_STORAGE"].replace("${POSTGRES_PASSWORD}", "x"))
-        assert url.get_backend_name() == "postgresql" and url.host == "postgres", name
+        url = make_url(_interpolate(worker["environment"]["HPO_STORAGE"], {"POSTGRES_PASSWORD": "x"}))
+        assert url.get_backend_name() == "postgresql" and url.host == "postgres" and url.port == 5432, name
         assert url.password == "x", "the password is interpolated from .env, not written here"
         assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert args.checkpoint_dir and any(v.endswith(":" + args.checkpoint_dir) for v in worker["volumes"]), (
@@ -77,3 +82,21 @@ def test_dashboard_is_bound_to_localhost() -> None:
     assert "command" not in dashboard and not any("POSTGRES_PASSWORD" in arg for arg in dashboard["entrypoint"])
     assert make_url(dashboard["environment"]["HPO_STORAGE"].replace("${POSTGRES_PASSWORD}", "x")).host == "postgres"
     assert build_dashboard_parser().parse_args(dashboard["entrypoint"][3:]).host == "0.0.0.0"
+
+
+def test_the_pgbouncer_profile_routes_the_workers_through_pgbouncer_in_transaction_mode() -> None:
+    compose = _compose()
+    bouncer = compose["services"]["pgbouncer"]
+    assert bouncer["profiles"] == ["pgbouncer"], "off unless asked for"
+    env = bouncer["environment"]
+    assert env["DB_HOST"] == "postgres" and env["POOL_MODE"] == "transaction"
+    assert env["IGNORE_STARTUP_PARAMETERS"] == "options", "hpo sends its session timeouts as startup options"
+    assert int(env["DEFAULT_POOL_SIZE"]) <= 50, "server connections well under PostgreSQL's max_connections = 100"
+    assert env["DB_PASSWORD"] == "${POSTGRES_PASSWORD}" and bouncer["env_file"] == ".env"
+    # The switch documented in env.example: the workers' URL then names PgBouncer's port.
+    switch = dict(re.findall(r"^# (HPO_DB_\w+)=(\S+)$", (DOCKER / "env.example").read_text(), re.M))
+    assert switch == {"HPO_DB_HOST": "pgbouncer", "HPO_DB_PORT": env["LISTEN_PORT"]}
+    for name, worker in _workers(compose).items():
+        url = make_url(_interpolate(worker["environment"]["HPO_STORAGE"], {"POSTGRES_PASSWORD": "x", **switch}))
+        assert (url.host, url.port, url.database) == ("pgbouncer", 6432, "hpo"), name
+        assert url.get_driver_name() == "psycopg", "hpo turns psycopg 3's prepared statements off for PgBouncer"

@@ -103,3 +103,45 @@ def test_dashboard_is_a_cluster_internal_service_on_the_study_database() -> None
     selector = service["spec"]["selector"]
     labels = _one("Deployment", "hpo-dashboard")["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
+
+
+def _json_patch(document: dict, operations: list[dict]) -> dict:
+    """RFC 6902's test and replace, the two operations the pgbouncer component uses, as kustomize applies them."""
+    for operation in operations:
+        *parents, last = operation["path"].strip("/").split("/")
+        node = document
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        key = int(last) if isinstance(node, list) else last
+        if operation["op"] == "test":
+            assert node[key] == operation["value"], f"the patch expects {operation['value']!r} at {operation['path']}"
+        else:
+            assert operation["op"] == "replace"
+            node[key] = operation["value"]
+    return document
+
+
+def test_the_pgbouncer_component_routes_the_workers_through_pgbouncer_in_transaction_mode() -> None:
+    folder = K8S / "pgbouncer"
+    component = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    assert "# components:\n#   - pgbouncer" in (K8S / "kustomization.yaml").read_text(), "documented where it is turned on"
+    resources = [doc for name in component["resources"] for doc in yaml.safe_load_all((folder / name).read_text()) if doc]
+    for resource in resources:
+        for version in VERSIONS:
+            kubernetes_validate.validate(resource, version, strict=True)
+    (deployment,) = [r for r in resources if r["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POOL_MODE"]["value"] == "transaction" and env["IGNORE_STARTUP_PARAMETERS"]["value"] == "options"
+    assert int(env["DEFAULT_POOL_SIZE"]["value"]) <= 50 and env["DB_HOST"]["value"] == "postgres"
+    assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "hpo-postgres", "key": "password"}
+    (service,) = [r for r in resources if r["kind"] == "Service"]
+    assert service["spec"]["ports"][0]["port"] == int(env["LISTEN_PORT"]["value"])
+    (patch,) = component["patches"]
+    assert patch["target"] == {"kind": "Job", "name": "hpo-workers"}
+    job = _json_patch(_one("Job", "hpo-workers"), yaml.safe_load(patch["patch"]))
+    (worker,) = job["spec"]["template"]["spec"]["containers"]
+    url = make_url(_expand({e["name"]: e for e in worker["env"]}["HPO_STORAGE"]["value"], {"POSTGRES_PASSWORD": "x"}))
+    assert (url.host, url.port, url.database, url.password) == ("pgbouncer", service["spec"]["ports"][0]["port"], "hpo", "x")
+    kubernetes_validate.validate(job, VERSIONS[0], strict=True)

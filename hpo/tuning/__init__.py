@@ -9,6 +9,7 @@
 - ``retry``:     re-queuing ended trials: failures use up retries, interruptions do not
 - ``outage``:    storage calls that wait out an outage; start-up races absorbed
 - ``notes``:     the notes optuna-dashboard shows on pruned trials
+- ``records``:   what a trial stores beside params and curve (each user attr is a write), read back for reports
 
 May import: ``hpo.errors``, ``hpo.studyfile``, ``hpo.training``.
 """
