@@ -139,12 +139,12 @@ def print_table(summaries: list[Summary], *, target: float) -> None:
 
 
 def _difference(p: Paired) -> str:
-    """'+1.2 ± 0.5 pt 7/0/3 of 10' (accuracy) or '-12 ± 5 s 6/0/2 of 8' (time): mean ± SE, wins/ties/losses, seeds."""
+    """'+1.2 ± 0.5 pt 7/0/3 of 10' (accuracy) or '-12.0 ± 5.1 s 6/0/2 of 8' (time): mean ± SE, wins/ties/losses, seeds."""
     found = p.estimate
     if found is None:
         return "no seed"
     if p.metric == "seconds_to_target":
-        figure = f"{found.mean:+.0f} ± {found.se:.0f} s"
+        figure = f"{found.mean:+.1f} ± {found.se:.1f} s"
     else:
         figure = f"{found.mean * 100:+.1f} ± {found.se * 100:.1f} pt"
     return f"{figure} {p.wins}/{p.ties}/{p.losses} of {found.n}"
