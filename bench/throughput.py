@@ -111,7 +111,9 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+        image = self.images[index]
+        # PIL takes a grey image as (H, W), not (H, W, 1).
+        return self.transform(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)), int(self.labels[index])
 
 
 def run_reference(data: SearchData, device: torch.device, *, epochs: int, num_workers: int) -> Measurement:

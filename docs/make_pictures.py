@@ -65,14 +65,16 @@ def _hpo(module: str, argv: list[str], work: Path) -> str:
     return done.stdout
 
 
-def _screenshot(page: Path, png: Path) -> None:
+def screenshot(page: Path, png: Path, *, window: tuple[int, int] = WINDOW) -> None:
+    """A PNG of ``page`` (an HTML file) as headless Chromium draws it in a ``window`` (width, height) in pixels;
+    bench/search.py takes its figure's picture here too."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("no chromium binary (Debian: apt-get install chromium)")
     png.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         f"--virtual-time-budget={RENDER_BUDGET_MS}", f"--window-size={WINDOW[0]},{WINDOW[1]}",
+         f"--virtual-time-budget={RENDER_BUDGET_MS}", f"--window-size={window[0]},{window[1]}",
          f"--screenshot={png}", page.as_uri()],
         capture_output=True, timeout=300, check=True,
     )
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         _hpo("report", ["--study", "quick", "--out", "report", "--quiet"], work)
         png = settings.out / "report.png"
-        _screenshot(work / "report" / "report.html", png)
+        screenshot(work / "report" / "report.html", png)
     print(summary, end="")
     print(f"hpo.run wall time, process start to exit: {seconds:.1f} s")
     print(f"wrote {png}")

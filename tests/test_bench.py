@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import os
@@ -146,6 +147,108 @@ def test_search_bench_compares_configurations_and_tests_only_the_chosen_trial_on
     assert "random:none" in figure and "random:median:1" in figure
     table = printed.split("configuration", 1)[1]
     assert "random:none" in table and "random:median:1" in table and "±" in table, printed
+
+
+def test_search_bench_configurations_keep_their_old_labels_and_take_the_new_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _load_search_bench(monkeypatch)
+    for old in ("tpe:none", "tpe:median:2", "tpe:successive_halving:1", "random:median:1"):
+        assert bench.parse_config(old).label == old, "stored runs and study names keep their names"
+    config = bench.parse_config("tpe:successive_halving:1:startup=10:rf=3")
+    assert (config.warmup, config.reduction_factor, config.startup_trials) == (1, 3, 10)
+    assert config.label == "tpe:successive_halving:1:rf=3:startup=10"
+    assert bench.parse_config("default:rf=2").label == "default:rf=2" and bench.parse_config("optuna").reference
+    for wrong in ("tpe:median:rf=2", "random:successive_halving:startup=3", "tpe:hyperband:1:rf=x", "tpe:none:rf=2:rf=3", "optuna:1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_config(wrong)
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _assert_per_seed_differences(paired: list[dict[str, str]], runs: list[dict[str, str]]) -> None:
+    """Each row of paired.csv: its seeds, wins + ties + losses and mean difference are those of the per-seed
+    differences of runs.csv (over the seeds where both runs have the figure)."""
+    by_run = {(r["config"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    for row in paired:
+        figures = [(by_run[(row["config"], s)][row["metric"]], by_run[(row["baseline"], s)][row["metric"]]) for s in seeds]
+        differences = [float(mine) - float(theirs) for mine, theirs in figures if mine and theirs]
+        assert int(row["seeds"]) == len(differences), row
+        assert int(row["wins"]) + int(row["ties"]) + int(row["losses"]) == len(differences), row
+        if differences:
+            assert float(row["mean_difference"]) == pytest.approx(sum(differences) / len(differences)), row
+
+
+def test_search_bench_pairs_every_configuration_with_the_default_seed_by_seed_beside_the_optuna_line(
+    tmp_path: Path, image_archive: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The study file's default, one candidate in the new syntax and the optuna line, 2 seeds of a tiny study: the
+    tables, CSVs and paired rows are there, each paired figure is the mean of the per-seed differences in runs.csv,
+    and the optuna line's runs are stored and scored like hpo's; a second call with --report-only runs nothing."""
+    study_file = write_study(
+        tmp_path, archive=image_archive, name="benchy", max_epochs=2, sampler="tpe",
+        pruner='type = "successive_halving"\nmin_resource = 1\nreduction_factor = 4',
+    )
+    out = tmp_path / "out"
+    argv = ["--study", str(study_file), "--data", str(image_archive), "--configs", "default", "optuna",
+            "tpe:successive_halving:1:rf=2:startup=2", "--seeds", "0", "1", "--budget", "4", "--target", "0.05",
+            "--threads", "1", "--out", str(out)]
+    bench = _load_search_bench(monkeypatch)
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+
+    configs = ["default", "optuna", "tpe:successive_halving:1:rf=2:startup=2"]
+    runs = _csv(out / "runs.csv")
+    assert [(r["config"], r["seed"]) for r in runs] == [(c, s) for s in ("0", "1") for c in configs]
+    assert [r["config"] for r in _csv(out / "summary.csv")] == configs
+    storage = f"sqlite:///{out / 'bench.db'}"
+    for run in (r for r in runs if r["config"] == "optuna"):
+        study = optuna.load_study(study_name=f"optuna/seed{run['seed']}", storage=storage)
+        assert study.user_attrs["bench_run"]["chosen_trial"] == int(run["chosen_trial"])
+        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        assert complete and all(isinstance(t.user_attrs["seed"], int) and t.user_attrs["epochs"] == 2 for t in complete)
+        assert 0 < float(run["test_accuracy"]) < 1, "the optuna line's choice is retrained and tested too"
+
+    paired = _csv(out / "paired.csv")
+    assert [(p["config"], p["baseline"], p["metric"]) for p in paired] == [
+        (c, "default", m) for c in configs[1:] for m in ("best_val_accuracy", "test_accuracy", "seconds_to_target")
+    ] + [("default", "optuna", "best_val_accuracy")], "every configuration against the default, then the goal's row"
+    _assert_per_seed_differences(paired, runs)
+    assert "paired against default" in printed and "goal of issue 21, default against optuna" in printed, printed
+    table = printed.split("configuration", 1)[1]
+    assert all(config in table for config in configs), printed
+
+    monkeypatch.setattr(bench, "measure", lambda *args, **kwargs: pytest.fail("--report-only ran a run"))
+    written = (out / "paired.csv").read_text()
+    assert bench.main([*argv, "--report-only"]) == 0
+    assert (out / "paired.csv").read_text() == written
+
+
+def test_search_bench_figure_has_a_line_per_configuration_and_a_picture_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+        pytest.skip("no chromium binary (Debian: apt-get install chromium)")
+    _load_search_bench(monkeypatch)
+    from search_report import write_figure, write_png
+    from search_run import Run
+
+    def run(config: str, seed: int, curve: tuple[tuple[float, float], ...]) -> Run:
+        return Run(config=config, seed=seed, trials_finished=3, trials_complete=2, epochs_trained=5, epochs_saved=0.2,
+                   best_val_accuracy=curve[-1][1], chosen_trial=1, chosen_value=1.5, test_accuracy=0.3,
+                   seconds_to_target=None, curve=curve)
+
+    runs = [run("default", 0, ((2.0, 0.2), (8.0, 0.3))), run("default", 1, ((3.0, 0.25),)),
+            run("optuna", 0, ((6.0, 0.2),)), run("optuna", 1, ((4.0, 0.1), (9.0, 0.22)))]
+    page, png = tmp_path / "best-so-far.html", tmp_path / "best-so-far.png"
+    write_figure(page, runs, ["default", "optuna"], budget_s=10)
+    assert '"name":"default"' in page.read_text() and '"name":"optuna"' in page.read_text()
+    write_png(page, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 PARETO = SCRIPT.parent / "pareto.py"

@@ -121,6 +121,27 @@ def test_sqlite_file_where_a_file_or_folder_is_in_the_way(workdir: Path, capsys:
     assert sorted(p.name for p in workdir.iterdir()) == ["folder.db", "notes", "text.db"], "no probe file left behind"
 
 
+def test_checking_a_sqlite_file_keeps_the_locks_of_the_connections_this_process_holds_on_it(tmp_path: Path) -> None:
+    """Checking the file before a run (bench/search.py does before every run, with bench.db open) must not drop this
+    process's SQLite locks: with them gone, another process closing its connection takes itself for the file's last
+    user and resets the write-ahead log this process still writes to (a corrupt database with two bench processes)."""
+    import optuna
+
+    from hpo.tuning.storage import check_storage, open_storage
+
+    path = tmp_path / "h.db"
+    held = open_storage(f"sqlite:///{path}", "--storage")
+    optuna.create_study(storage=held, study_name="held")  # written: the log exists, and this process holds it open
+    check_storage(f"sqlite:///{path}", "--storage")
+    subprocess.run(
+        [sys.executable, "-c", "import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('SELECT 1 FROM studies').fetchall()",
+         str(path)],
+        check=True, timeout=60,
+    )
+    assert path.with_name("h.db-wal").exists(), "the other process's close reset the log this process still holds"
+    assert optuna.get_all_study_names(held) == ["held"]
+
+
 @pytest.mark.parametrize(
     ("url", "module", "install"),
     [

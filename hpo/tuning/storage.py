@@ -183,10 +183,11 @@ def _check_sqlite_file(path: Path, source: str, *, writable: bool) -> None:
         raise StorageError(f"{source}: folder of SQLite file '{path}' is not a folder ('{folder}' is a file)")
     if path.is_dir():
         raise StorageError(f"{source}: SQLite file '{path}' is a folder")
-    if path.is_file() and path.stat().st_size > 0:
-        with path.open("rb") as handle:
-            if handle.read(16) != b"SQLite format 3\x00":  # the header of every SQLite database file
-                raise StorageError(f"{source}: '{path}' is not a SQLite database file")
+    # The file itself is never opened here but through SQLite: closing any other descriptor of it drops every POSIX
+    # lock this process's SQLite connections hold on it, and another process's SQLite then takes itself for the
+    # file's last user and resets the write-ahead log under them (a corrupt database; sqlite.org/howtocorrupt.html).
+    if path.is_file() and path.stat().st_size > 0 and not _is_sqlite(path):
+        raise StorageError(f"{source}: '{path}' is not a SQLite database file")
     if not writable:
         return
     # A real probe, not os.access: root passes access() checks that creating a file then fails
@@ -194,10 +195,22 @@ def _check_sqlite_file(path: Path, source: str, *, writable: bool) -> None:
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
             pass
-        if path.exists():
-            path.open("r+b").close()
     except OSError as exc:
         raise StorageError(f"{source}: cannot write the SQLite file '{path}' ({exc.strerror or exc})") from exc
+    if path.exists() and not os.access(path, os.W_OK):
+        raise StorageError(f"{source}: cannot write the SQLite file '{path}' (Permission denied)")
+
+
+def _is_sqlite(path: Path) -> bool:
+    """False when SQLite says the file is not a database; True otherwise (any other trouble is the storage's to report)."""
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        connection.execute("PRAGMA schema_version")
+    except sqlite3.DatabaseError as exc:
+        return exc.sqlite_errorcode != sqlite3.SQLITE_NOTADB
+    finally:
+        connection.close()
+    return True
 
 
 def check_storage(url: str, source: str, *, writable: bool = True, patience: float = 0.0) -> None:
