@@ -146,3 +146,26 @@ def test_best_replays_with_the_stored_subsets_not_an_edited_study_file(
     assert [int(epoch) for epoch, _, _ in rows] == [1, 2], out
     for _, stored, replayed in rows:
         assert float(replayed) == pytest.approx(float(stored), abs=5e-4), out  # tolerance as tests/test_best.py's
+
+
+def test_a_joining_worker_reads_the_study_trials_once_through_the_study_it_gets(
+    tmp_path: Path, pictures: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a study of many trials (issue 20): no study summaries (they count every trial of every study), no
+    read past the study's own cache, and the trials it checked are those the worker's count then sees."""
+    from hpo.tuning.budget import Tally
+
+    spec = load_spec(_study_file(tmp_path, pictures))
+    url = f"sqlite:///{tmp_path / 'many.db'}"
+    first = open_study(spec, open_storage(url, "test"))
+    first.add_trials([optuna.trial.create_trial(value=float(i), params={"lr": 0.01},
+                                                distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)})
+                      for i in range(25)])
+    storage = open_storage(url, "test")
+    reads: list[str] = []
+    real_get_all_trials = storage.get_all_trials
+    monkeypatch.setattr(storage, "get_all_trials", lambda *a, **k: reads.append("get_all_trials") or real_get_all_trials(*a, **k))
+    monkeypatch.setattr(optuna, "get_all_study_summaries", lambda *a, **k: reads.append("summaries") or [])
+    study = open_study(spec, storage)
+    assert reads == [], "every read of the trials goes through the study's cache"
+    assert Tally.of(study).finished == 25 and len(study.get_trials(deepcopy=False)) == 25
