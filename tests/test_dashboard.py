@@ -75,8 +75,10 @@ def test_dashboard_api_serves_the_trials_their_attrs_and_notes(dashboard: str, f
     assert [t["number"] for t in served] == [t.number for t in stored]
     assert {TrialState.PRUNED, TrialState.COMPLETE} <= {t.state for t in stored}, "both kinds of row are checked below"
     for trial, row in zip(stored, served):
-        attrs = {a["key"] for a in row["user_attrs"]}
-        assert {"val_accuracy", "seconds_per_epoch", "images_per_second", "params", "device", "host", "seed"} <= attrs
+        attrs = {a["key"]: a["value"] for a in row["user_attrs"]}
+        assert {"val_accuracy", "seconds_per_epoch", "images_per_second", "params", "worker", "seed"} <= set(attrs)
+        # The worker's claim shows who ran the trial on what (hpo.tuning.records): host, pid, device, precision.
+        assert all(f'"{key}"' in str(attrs["worker"]) for key in ("host", "pid", "device", "precision")), attrs["worker"]
         if trial.state == TrialState.PRUNED:
             note = row["note"]["body"]
             epoch = max(trial.intermediate_values)
