@@ -89,7 +89,7 @@ def running_with_epochs(url: str, name: str) -> optuna.trial.FrozenTrial | None:
         running = optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.RUNNING,))
     except KeyError:
         return None
-    return next((t for t in running if t.intermediate_values and "pid" in t.user_attrs), None)
+    return next((t for t in running if t.intermediate_values and "worker" in t.user_attrs), None)
 
 
 class ThrowawayPostgres:

@@ -33,8 +33,8 @@ def test_tiny_study_end_to_end(tmp_path: Path, image_archive: Path, capsys: pyte
         assert sorted(trial.intermediate_values) == [1, 2], "validation loss is reported every epoch"
         assert trial.value == min(trial.intermediate_values.values())
         attrs = trial.user_attrs
-        assert {"seed", "val_accuracy", "epochs", "best_epoch", "seconds_per_epoch", "images_per_second", "params", "device"} <= set(attrs)
-        assert attrs["epochs"] == 2 and attrs["device"] == "cpu" and attrs["params"] > 0
+        assert {"seed", "val_accuracy", "seconds_per_epoch", "images_per_second", "params", "worker"} <= set(attrs)
+        assert attrs["worker"]["device"] == "cpu" and attrs["worker"]["trial"] == trial.number and attrs["params"] > 0
         assert 0.0 <= attrs["val_accuracy"] <= 1.0 and attrs["images_per_second"] > 0
         assert set(trial.params) >= {"lr", "batch_size", "depth", "optimizer"}
     assert len({t.user_attrs["seed"] for t in study.trials}) == 3, "every trial has its own seed"
