@@ -77,6 +77,7 @@ def run_hpo(url: str, study_name: str, *, trials: int, epochs: int, epoch_second
     """One worker of whichever hpo is imported (bench/storage.py), on the kept study ``study_name``."""
     row = storage_bench.run_workers(
         "bench", url, workers=1, trials_per_worker=trials, epochs=epochs, epoch_seconds=epoch_seconds, study_name=study_name,
+        count_connections=False,  # plain Optuna's run has no such monitor beside it
     )
     return Run(calls_per_trial=row.calls_per_trial, per_trial_ms=row.per_trial_ms, per_epoch_ms=row.per_epoch_ms,
                epochs_per_trial=row.epochs_per_trial, join_s=row.join_s)

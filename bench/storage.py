@@ -279,9 +279,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_workers(
     backend: str, url: str, *, workers: int, trials_per_worker: int, epochs: int, epoch_seconds: float,
-    study_name: str | None = None,
+    study_name: str | None = None, count_connections: bool = True,
 ) -> Row:
-    """M worker processes on one fresh study (or ``study_name``, already filled) with a budget of M x trials."""
+    """M worker processes on one fresh study (or ``study_name``, already filled) with a budget of M x trials.
+
+    ``count_connections``: poll the server's connection count (a new connection every CONNECTION_POLL_S, which
+    costs the server and the 2 cores time the workers then lack: bench/overhead.py turns it off)."""
     name = study_name or f"bench-{backend}-{workers}-{os.getpid()}-{time.monotonic_ns()}"
     spec = bench_spec(epochs=epochs)
     # Created here, before the workers start: their own start race is not what is measured.
@@ -299,7 +302,8 @@ def run_workers(
     for process in processes:
         process.start()
     collected: dict[int, WorkerReport] = {}
-    with _peak(_server_connections(url)) as peak:
+    counter = _server_connections(url) if count_connections else None
+    with _peak(counter) as peak:
         time.sleep(1.0)  # let every process open its storage before the clock starts
         started = time.perf_counter()
         go.set()
@@ -330,7 +334,7 @@ def run_workers(
         storage_p50_ms=1000 * _percentile([t.storage_s for t in timings], 0.5),
         storage_p99_ms=1000 * _percentile([t.storage_s for t in timings], 0.99),
         outside_mean_ms=1000 * statistics.fmean(t.outside_s for t in timings) if timings else float("nan"),
-        connections=peak[0] if _server_connections(url) is not None else None,
+        connections=peak[0] if counter is not None else None,
         errors=errors, surplus=surplus,
         calls_per_trial=sum(c for c, _ in collected[0].calls.values()) / max(1, len(collected[0].timings)),
         **split_outside([t for r in collected.values() for t in r.timings[1:]]),
