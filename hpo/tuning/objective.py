@@ -456,10 +456,10 @@ class TrialRun:
             "checking with the storage before writing epoch %d's checkpoint", self.trial.number, silent, limit,
             result.epoch,
         )
-        trial = self.trial
-        study_id = self.objective.study_id(trial)
-        stored = self.objective.guard.call(
-            f"check that trial {trial.number} is still this worker's", lambda: stored_trial(trial, study_id)
+        trial, objective = self.trial, self.objective
+        # The study's id too is looked up through the guard: it may be this worker's first storage read of it.
+        stored = objective.guard.call(
+            f"check that trial {trial.number} is still this worker's", lambda: stored_trial(trial, objective.study_id(trial))
         )
         if stored.state != optuna.trial.TrialState.RUNNING:
             raise TrialAbandoned(
