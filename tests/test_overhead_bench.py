@@ -5,6 +5,7 @@ Never asserts a speed: only that each variant ran its trials and that the table 
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,9 @@ def test_overhead_bench_tables_this_tree_an_older_one_and_plain_optuna(tmp_path:
         (size, variant) for size in ("0", "12") for variant in ("hpo", "hpo@fe8a730", "optuna")
     ]
     for row in rows:
-        calls, per_trial, per_epoch, epochs, join = float(row[3]), float(row[4]), float(row[6]), float(row[8]), float(row[9])
-        assert calls > 0 and per_trial > 0 and per_epoch > 0 and 1 <= epochs <= 2 and join > 0, row
+        calls, epochs = float(row[3]), float(row[8])
+        assert calls > 0 and 1 <= epochs <= 2, f"every variant stored its trials and their epochs: {row}"
+        # The times are printed as numbers in their units; their size is what the bench is for, not this test.
+        assert (row[5], row[7], row[10]) == ("ms", "ms", "s") and all(math.isfinite(float(row[i])) for i in (4, 6, 9)), row
         assert row[-1].endswith("x")
     assert all(row[-1] == "1.00x" for row in rows if row[2] == "optuna")
