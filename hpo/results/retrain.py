@@ -153,8 +153,10 @@ def no_single_best(study: optuna.Study) -> str:
 
 def trial_epochs(trial: optuna.trial.FrozenTrial) -> int:
     """Epochs the trial trained: the last it reported (hpo 0.2 also stored them as the ``epochs`` user attr)."""
+    from hpo.tuning.records import epochs_trained  # imports optuna: not before a command needs it
+
     epochs = trial.user_attrs.get("epochs")
-    return epochs if isinstance(epochs, int) else max(_curve(trial))
+    return epochs if isinstance(epochs, int) else epochs_trained(trial)
 
 
 def train_like(

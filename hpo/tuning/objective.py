@@ -260,7 +260,9 @@ class Objective:
                 started = _trial_by_number(trial.storage, self.study_id(trial), number).datetime_start
         path = self.checkpoint_path(number, started)
         self._checkpoints[trial.number] = path
-        trial.set_user_attr("seed", trial_seed(self.spec.study.seed, number))  # at once: a killed run's retry shows it
+        seed = trial_seed(self.spec.study.seed, number)
+        if trial.user_attrs.get("seed") != seed:  # a retry inherits it: no second write
+            trial.set_user_attr("seed", seed)  # at once: a killed run's retry shows it
         return number, path, suggest(trial, self.spec.space, self.spec.model.space)
 
     def on_trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
