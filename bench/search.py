@@ -7,9 +7,9 @@ land on one configuration only).  A configuration is
   ``default``                 the study file's own sampler and pruner, as they are;
   ``SAMPLER:PRUNER``          e.g. ``tpe:median``, ``random:none``: the study file's settings where it uses
                               the same type, the type's defaults otherwise;
-  either, then ``:WARMUP``    epochs: the median pruner's ``n_warmup_steps``, the successive-halving and
-                              Hyperband pruners' ``min_resource`` (``tpe:successive_halving:1``; without
-                              WARMUP, ``SAMPLER:PRUNER`` gives these two pruners 1);
+  either, then ``:WARMUP``    epochs: the median pruner's ``n_warmup_steps``, the successive-halving (both
+                              forms) and Hyperband pruners' ``min_resource`` (``tpe:successive_halving:1``;
+                              without WARMUP, ``SAMPLER:PRUNER`` gives these pruners 1);
   then ``:rf=N``              the successive-halving or Hyperband pruner's ``reduction_factor``,
   and/or ``:startup=N``       the sampler's ``n_startup_trials`` (TPE, GP, CMA-ES):
                               e.g. ``tpe:successive_halving:1:rf=3:startup=10``, ``default:2:rf=2``;
@@ -82,6 +82,7 @@ from hpo.studyfile.samplers import (  # noqa: E402
     SAMPLERS,
     HyperbandPrunerSpec,
     MedianPrunerSpec,
+    PromotionHalvingPrunerSpec,
     SuccessiveHalvingPrunerSpec,
 )
 from hpo.studyfile.space import from_params  # noqa: E402
@@ -127,7 +128,7 @@ def _fields(kind: type) -> set[str]:
 def _refusal(config: Config, sampler: type, pruner: type) -> str | None:
     """Why a KEY=N part means nothing to this sampler or pruner type, or None."""
     if config.reduction_factor is not None and "reduction_factor" not in _fields(pruner):
-        return "rf=N needs a pruner with a reduction factor (successive_halving, hyperband)"
+        return "rf=N needs a pruner with a reduction factor (successive_halving, promotion_halving, hyperband)"
     if config.startup_trials is not None and "n_startup_trials" not in _fields(sampler):
         return "startup=N needs a sampler with start-up trials (tpe, gp, cmaes)"
     return None
@@ -167,7 +168,7 @@ def _types_chosen(base: StudySpec, config: Config) -> tuple[object, object]:
     # The study file's own settings where it uses the same type, the type's defaults otherwise.
     sampler = base.sampler if isinstance(base.sampler, SAMPLERS[config.sampler]) else SAMPLERS[config.sampler]()
     pruner = base.pruner if isinstance(base.pruner, PRUNERS[str(config.pruner)]) else PRUNERS[str(config.pruner)]()
-    if isinstance(pruner, SuccessiveHalvingPrunerSpec):
+    if isinstance(pruner, (SuccessiveHalvingPrunerSpec, PromotionHalvingPrunerSpec)):
         pruner = dataclasses.replace(pruner, min_resource=config.warmup or 1)
     if isinstance(pruner, HyperbandPrunerSpec):
         pruner = dataclasses.replace(pruner, min_resource=config.warmup or 1, max_resource=base.train.max_epochs)
@@ -185,7 +186,7 @@ def configured(base: StudySpec, config: Config, *, seed: int) -> StudySpec:
         raise SystemExit(f"--configs {config.label}: {refused}; the study file has {describe(sampler)} and {describe(pruner)}")
     if isinstance(pruner, MedianPrunerSpec) and config.warmup is not None:
         pruner = dataclasses.replace(pruner, n_warmup_steps=config.warmup)
-    if isinstance(pruner, (SuccessiveHalvingPrunerSpec, HyperbandPrunerSpec)) and config.warmup is not None:
+    if isinstance(pruner, (SuccessiveHalvingPrunerSpec, PromotionHalvingPrunerSpec, HyperbandPrunerSpec)) and config.warmup is not None:
         pruner = dataclasses.replace(pruner, min_resource=config.warmup)
     if config.reduction_factor is not None:
         pruner = dataclasses.replace(pruner, reduction_factor=config.reduction_factor)  # type: ignore[type-var]

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 import optuna
 
 from hpo.results.retrain import best_first
+from hpo.tuning.budget import predecessor
 
 
 @dataclass(frozen=True)
 class Run:
     config: str
     seed: int
-    trials_finished: int  # complete or pruned within the budget
+    trials_finished: int  # configurations complete or pruned within the budget (a paused one resumed: once)
     trials_complete: int
     epochs_trained: int  # by the trials finished within the budget
     epochs_saved: float  # share of (trials_finished x max_epochs) that pruning did not train
@@ -58,9 +59,17 @@ def outcome(
     config: str, seed: int, *, started: float, trials: list[optuna.trial.FrozenTrial], chosen: optuna.trial.FrozenTrial,
     max_epochs: int, target: float, test_accuracy: float,
 ) -> Run:
-    """A finished run's figures: its trials finished within the budget, the chosen one and its test accuracy."""
+    """A finished run's figures: its trials finished within the budget, the chosen one and its test accuracy.
+
+    A trial resumed after a pause (promotion halving) inherits its predecessor's curve: it counts only the epochs
+    it trained, and the configuration counts once, as its last trial.
+    """
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    epochs = sum(len(t.intermediate_values) for t in trials)
+    by_number = {t.number: t for t in trials}
+    before = {t.number: predecessor(t) for t in trials}
+    inherited = sum(len(by_number[p].intermediate_values) for p in before.values() if p in by_number)
+    epochs = sum(len(t.intermediate_values) for t in trials) - inherited
+    configurations = [t for t in trials if t.number not in set(before.values())]
     curve: list[tuple[float, float]] = []
     best = -math.inf
     for t in complete:
@@ -70,8 +79,8 @@ def outcome(
             curve.append((t.datetime_complete.timestamp() - started, best))  # type: ignore[union-attr]
     reached = next((s for s, accuracy in curve if accuracy >= target), None)
     return Run(
-        config=config, seed=seed, trials_finished=len(trials), trials_complete=len(complete),
-        epochs_trained=epochs, epochs_saved=1 - epochs / (len(trials) * max_epochs),
+        config=config, seed=seed, trials_finished=len(configurations), trials_complete=len(complete),
+        epochs_trained=epochs, epochs_saved=1 - epochs / (len(configurations) * max_epochs),
         best_val_accuracy=best, chosen_trial=chosen.number, chosen_value=float(chosen.value),  # type: ignore[arg-type]
         test_accuracy=test_accuracy, seconds_to_target=reached, curve=tuple(curve),
     )

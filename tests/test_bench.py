@@ -157,9 +157,44 @@ def test_search_bench_configurations_keep_their_old_labels_and_take_the_new_keys
     assert (config.warmup, config.reduction_factor, config.startup_trials) == (1, 3, 10)
     assert config.label == "tpe:successive_halving:1:rf=3:startup=10"
     assert bench.parse_config("default:rf=2").label == "default:rf=2" and bench.parse_config("optuna").reference
+    promoted = bench.parse_config("tpe:promotion_halving:1:rf=2")
+    assert promoted.label == "tpe:promotion_halving:1:rf=2"
+    spec = bench.configured(bench.load_spec(bench.find_study("quick")), promoted, seed=3)
+    assert (type(spec.pruner).__name__, spec.pruner.min_resource, spec.pruner.reduction_factor) == (
+        "PromotionHalvingPrunerSpec", 1, 2)
     for wrong in ("tpe:median:rf=2", "random:successive_halving:startup=3", "tpe:hyperband:1:rf=x", "tpe:none:rf=2:rf=3", "optuna:1"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.parse_config(wrong)
+
+
+def test_search_bench_counts_a_paused_and_resumed_configuration_once_and_its_epochs_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Promotion halving: a trial paused at epoch 1 and its resumption to epoch 3 are one configuration of 3 epochs."""
+    _load_search_bench(monkeypatch)  # puts bench/ on the path
+    import search_run
+
+    from hpo.tuning.promotion import PAUSED_ATTR, promote
+
+    study = optuna.create_study()
+    paused = study.ask()
+    paused.report(0.5, 1)
+    paused.set_user_attr(PAUSED_ATTR, 1)
+    paused = study.tell(paused, state=TrialState.PRUNED)
+    other = study.ask()
+    other.report(0.9, 1)
+    study.tell(other, state=TrialState.PRUNED)
+    promote(study, paused)
+    resumed = study.ask()
+    resumed.set_user_attr("val_accuracy", 0.4)
+    for epoch in (2, 3):
+        resumed.report(0.4, epoch)
+    study.tell(resumed, 0.4)
+    started, trials = search_run.finished_within(study, 3600)
+    run = search_run.outcome("x", 0, started=started, trials=trials, chosen=study.trials[2], max_epochs=3, target=0.3,
+                             test_accuracy=0.5)
+    assert (run.trials_finished, run.trials_complete, run.epochs_trained) == (2, 1, 4)
+    assert run.epochs_saved == pytest.approx(1 - 4 / 6)
 
 
 def _csv(path: Path) -> list[dict[str, str]]:

@@ -303,9 +303,14 @@ def test_two_workers_on_one_multi_objective_study_keep_every_trial_and_its_twin_
     workers = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
-    trials = optuna.load_study(study_name="mo", storage=url).trials
+    stored = optuna.load_study(study_name="mo", storage=url).trials
     twins = optuna.load_study(study_name=curves_study_name("mo"), storage=url).trials
-    assert len(trials) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    # Both workers may take the last place in the same instant: the later trial fails as a surplus before it trains
+    # (and before it has a twin), as in every study (hpo.tuning.budget).
+    surplus = [t for t in stored if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason", "").startswith("surplus")]
+    trials = [t for t in stored if t not in surplus]
+    assert len(trials) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), stored
+    assert all(t.number >= 6 and "curve_trial" not in t.user_attrs for t in surplus)
     assert sorted(t.user_attrs["curve_trial"] for t in trials) == sorted(t.number for t in twins), "one twin each"
     for trial in trials:
         twin = twins[trial.user_attrs["curve_trial"]]

@@ -104,6 +104,8 @@ PRUNER_CASES = {
     "threshold": ("upper = 3.0\nn_warmup_steps = 1", optuna.pruners.ThresholdPruner,
                   {"lower": None, "upper": 3.0, "n_warmup_steps": 1, "interval_steps": 1}),
     "none": ("", optuna.pruners.NopPruner, {}),
+    # Optuna's pruner never judges: hpo pauses and promotes at the rungs (tests/test_promotion.py).
+    "promotion_halving": ("min_resource = 2\nreduction_factor = 3", optuna.pruners.NopPruner, {}),
 }
 
 

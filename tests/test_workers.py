@@ -75,10 +75,10 @@ def test_four_workers_finish_exactly_the_budget(tmp_path: Path, image_archive: P
     url = f"sqlite:///{tmp_path / 'hpo.db'}" if storage == "sqlite" else server_url(storage)
     study_file = write_study(tmp_path, archive=image_archive, name=study_name, max_epochs=1)
     try:
-        launcher = _hpo(study_file, url, 40, "--workers-per-gpu", "4", "--quiet")
+        launcher = _hpo(study_file, url, 16, "--workers-per-gpu", "4", "--quiet")
         out, _ = launcher.communicate(timeout=300)
         assert launcher.returncode == 0, out
-        trials = _assert_exact_budget(url, study_name, 40)
+        trials = _assert_exact_budget(url, study_name, 16)
         finished = [t for t in trials if t.state == TrialState.COMPLETE]
         assert len({t.user_attrs["worker"]["pid"] for t in finished}) == 4, "all four workers ran trials"
         # Two workers starting the last trial in the same instant: the later one fails as surplus at once.

@@ -25,7 +25,7 @@ import optuna
 
 from hpo.errors import Terminated
 from hpo.launching.run_args import STOP_GRACE_S, run_command
-from hpo.tuning.budget import FINISHED_STATES
+from hpo.tuning.budget import finished_configurations
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _progress(study: optuna.Study, budget: int, done: threading.Event, enabled: 
                 trials = study.get_trials(deepcopy=False)
             except Exception:  # a passing database hiccup must not end the display
                 continue
-            finished = sum(t.state in FINISHED_STATES for t in trials)
+            finished = finished_configurations(trials)  # a resumed configuration once
             running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
             bar.update(finished - bar.n)
             postfix = {"running": running}

@@ -280,8 +280,11 @@ def _run_here(
         study, objective, storage=storage, guard=guard, budget=settings.n_trials, timeout=settings.timeout,
         heartbeat_interval=settings.heartbeat_interval, grace_period=checked.grace_period,
         callbacks=[objective.on_trial_end, *checked.trackers, *listeners.on_trial_end], clock=clock,
-        stall_timeout=settings.stall_timeout, facts=objective.worker_facts(),
+        stall_timeout=settings.stall_timeout, facts=objective.worker_facts(), promotion=objective.promotion,
     )
+    dropped = guard.call("look for paused trials left", lambda: objective.drop_paused_checkpoints(study, settings.n_trials))
+    if dropped:
+        logger.info("budget met: deleted the checkpoints of %d trials left paused at a rung", dropped)
 
 
 def _objective(

@@ -138,6 +138,29 @@ class SuccessiveHalvingPrunerSpec:
 
 
 @dataclass(frozen=True)
+class PromotionHalvingPrunerSpec:
+    """Successive halving by promotion (ASHA as its paper states it; hpo.tuning.promotion): a trial below the top
+    ``1 / reduction_factor`` of the trials at a rung pauses there, its checkpoint kept, and is resumed from it
+    once enough later trials did worse at that rung.  Optuna has no such pruner: hpo decides at the rungs."""
+
+    # Epochs: the first rung; the rungs are min_resource * reduction_factor ** (min_early_stopping_rate + k).
+    min_resource: int = 1
+    reduction_factor: int = 4
+    min_early_stopping_rate: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self, min_resource=1, reduction_factor=2, min_early_stopping_rate=0)
+
+    def rungs(self, max_epochs: int) -> tuple[int, ...]:
+        """The rung epochs below ``max_epochs``: a trial that trains its last epoch completes, never pauses."""
+        epochs, rung = [], self.min_resource * self.reduction_factor**self.min_early_stopping_rate
+        while rung < max_epochs:
+            epochs.append(rung)
+            rung *= self.reduction_factor
+        return tuple(epochs)
+
+
+@dataclass(frozen=True)
 class HyperbandPrunerSpec:
     # Epochs; max_resource None means the study's max_epochs.
     min_resource: int = 1
@@ -189,6 +212,7 @@ PrunerSpec = Union[
     MedianPrunerSpec,
     PercentilePrunerSpec,
     SuccessiveHalvingPrunerSpec,
+    PromotionHalvingPrunerSpec,
     HyperbandPrunerSpec,
     PatientPrunerSpec,
     ThresholdPrunerSpec,
@@ -210,6 +234,7 @@ PRUNERS: Mapping[str, type] = {
     "median": MedianPrunerSpec,
     "percentile": PercentilePrunerSpec,
     "successive_halving": SuccessiveHalvingPrunerSpec,
+    "promotion_halving": PromotionHalvingPrunerSpec,
     "hyperband": HyperbandPrunerSpec,
     "patient": PatientPrunerSpec,
     "threshold": ThresholdPrunerSpec,
@@ -224,9 +249,10 @@ def may_prune_at(pruner: PrunerSpec, epoch: int) -> bool:
     thousands of trials); at the epochs where the pruner answers "no" whatever the others did, hpo does not ask.
     Median, percentile and threshold pruners decide from ``n_warmup_steps`` on, every ``interval_steps``;
     successive halving only at its rungs, ``min_resource * reduction_factor ** (min_early_stopping_rate + k)``;
-    no pruner never.  Hyperband (a bracket per trial) and the patient pruner are always asked.
+    no pruner never, nor promotion halving, whose rungs hpo judges itself (hpo.tuning.promotion).  Hyperband (a
+    bracket per trial) and the patient pruner are always asked.
     """
-    if isinstance(pruner, NopPrunerSpec):
+    if isinstance(pruner, (NopPrunerSpec, PromotionHalvingPrunerSpec)):
         return False
     if isinstance(pruner, (MedianPrunerSpec, PercentilePrunerSpec, ThresholdPrunerSpec)):
         return epoch >= pruner.n_warmup_steps and (epoch - pruner.n_warmup_steps) % pruner.interval_steps == 0

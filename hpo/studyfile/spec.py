@@ -25,6 +25,7 @@ from hpo.studyfile.samplers import (
     SAMPLERS,
     SINGLE_OBJECTIVE_SAMPLERS,
     GridSamplerSpec,
+    PromotionHalvingPrunerSpec,
     PrunerSpec,
     SamplerSpec,
 )
@@ -476,6 +477,11 @@ def load_spec(path: Path) -> StudySpec:
         raise SpecError(f"{path}: [space] {problem}")
     sampler = _typed_section(SAMPLERS, {"type": "tpe", **raw.get("sampler", {})}, f"{path}: [sampler]")
     study = _study_section(path, raw.get("study", {}), sampler)
+    if isinstance(pruner, PromotionHalvingPrunerSpec) and study.multi_objective:
+        raise SpecError(
+            f'{path}: [pruner] type = "promotion_halving" ranks one value per rung; this study has objectives '
+            f"{list(study.objectives)!r} (use successive_halving, which judges the first objective's curve)"
+        )
     if isinstance(sampler, GridSamplerSpec):
         try:
             grid(space)

@@ -6,11 +6,17 @@ while they leave room, waits while running trials may still fill the budget (one
 and be re-queued), and stops once the finished trials reach it.  Two workers that start a trial in
 the same instant can both see room; the later one's trial is then a surplus and fails before it
 trains, so the study never ends with more finished trials than the budget.
+
+The budget counts configurations, not trials: a trial re-queued after its worker died (hpo.tuning.retry)
+or resumed after a pause at a rung (hpo.tuning.promotion) is the next trial of the same *lineage*, which
+Optuna's retry attrs link (``failed_trial``: the first trial, ``retry_history``: every one before), and a
+lineage holds one place, in the state of its last trial.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -20,6 +26,49 @@ from optuna.trial import TrialState
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trials that hold a place in the budget.
 HOLDING_STATES = (*FINISHED_STATES, TrialState.RUNNING, TrialState.WAITING)
+
+
+def original_number(trial: optuna.trial.FrozenTrial) -> int:
+    """The number of the first trial of ``trial``'s lineage (its own when it is no retry or resumption)."""
+    failed = trial.system_attrs.get("failed_trial")
+    return int(failed) if failed is not None else trial.number
+
+
+def predecessor(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the trial this one was queued to go on from, or None for a new configuration."""
+    history = trial.system_attrs.get("retry_history")
+    return int(history[-1]) if history else None
+
+
+def lineage_tips(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The last trial of every lineage: the one whose state is the configuration's.
+
+    A trial queued twice to go on from the same one (two workers promoting one paused trial in the same
+    instant) leaves a sibling: the lower-numbered one carries the lineage, the other fails as a duplicate.
+    """
+    successor: dict[int, optuna.trial.FrozenTrial] = {}
+    for trial in sorted(trials, key=lambda t: t.number):
+        before = predecessor(trial)
+        if before is not None and before not in successor:
+            successor[before] = trial
+    tips = []
+    for trial in trials:
+        if predecessor(trial) is None:
+            while trial.number in successor:
+                trial = successor[trial.number]
+            tips.append(trial)
+    return tips
+
+
+def duplicate(trial: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.FrozenTrial]) -> str | None:
+    """Why ``trial`` is a second trial queued to go on from the same one (and must not train it twice), or None."""
+    before = predecessor(trial)
+    if before is None:
+        return None
+    first = min((t.number for t in trials if predecessor(t) == before), default=trial.number)
+    if first < trial.number:
+        return f"duplicate: trial {first} already goes on from trial {before}"
+    return None
 
 
 class Next(enum.Enum):
@@ -37,12 +86,14 @@ class Tally:
 
     @classmethod
     def of(cls, study: optuna.Study) -> Tally:
-        trials = study.get_trials(deepcopy=False)
+        every = study.get_trials(deepcopy=False)
+        trials = lineage_tips(every)
         states = [trial.state for trial in trials]
         return cls(
             finished=sum(state in FINISHED_STATES for state in states),
             running=states.count(TrialState.RUNNING),
-            waiting=states.count(TrialState.WAITING),
+            # Every queued trial, a duplicate too: it is taken, fails untrained, and leaves nothing queued behind.
+            waiting=sum(trial.state == TrialState.WAITING for trial in every),
             running_numbers=tuple(trial.number for trial in trials if trial.state == TrialState.RUNNING),
         )
 
@@ -57,12 +108,27 @@ class Tally:
 def surplus(trial: optuna.Trial, budget: int) -> str | None:
     """Why ``trial`` is over the budget (a later trial of two started in the same instant), or None.
 
+    Counted ahead of it: the other lineages that hold a place (their last trial's state) and have a trial
+    numbered below it; of two trials that took the last place at once, the later-numbered one fails.
     Trial numbers are dense from 0, so below the budget no surplus can be ahead of this trial, and
     the read of every trial is skipped.
     """
     if trial.number < budget:
         return None
-    ahead = sum(t.number < trial.number for t in trial.study.get_trials(deepcopy=False, states=HOLDING_STATES))
+    trials = trial.study.get_trials(deepcopy=False)
+    first = {}  # lineage → its lowest trial number
+    for t in trials:
+        first[original_number(t)] = min(first.get(original_number(t), t.number), t.number)
+    own = next((original_number(t) for t in trials if t.number == trial.number), trial.number)
+    ahead = sum(
+        tip.state in HOLDING_STATES and first[original_number(tip)] < trial.number
+        for tip in lineage_tips(trials) if original_number(tip) != own
+    )
     if ahead >= budget:
         return f"surplus: {ahead} trials already hold the budget of {budget}"
     return None
+
+
+def finished_configurations(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+    """Configurations finished for the budget: lineages whose last trial is COMPLETE or PRUNED."""
+    return sum(tip.state in FINISHED_STATES for tip in lineage_tips(trials))

@@ -38,7 +38,14 @@ from hpo.training.measure import measure_costs
 from hpo.training.models import count_parameters
 from hpo.training.recipe import best_epoch, score, seeded_model, train_config, trial_seed
 from hpo.training.splits import SearchData
-from hpo.tuning.budget import FINISHED_STATES, surplus
+from hpo.tuning.budget import (
+    FINISHED_STATES,
+    duplicate,
+    finished_configurations,
+    lineage_tips,
+    original_number,
+    surplus,
+)
 from hpo.tuning.notes import Pruned
 from hpo.tuning.outage import StorageGuard
 from hpo.tuning.pareto import (
@@ -50,6 +57,7 @@ from hpo.tuning.pareto import (
     constraint_values,
     violations,
 )
+from hpo.tuning.promotion import PAUSED_ATTR, PROMOTED_ATTR, Promotion
 from hpo.tuning.retry import FAILURES_ATTR
 from hpo.tuning.study import open_curves_study
 
@@ -85,12 +93,6 @@ def stored_trial(trial: optuna.Trial, study_id: int) -> optuna.trial.FrozenTrial
 
 def _trial_by_number(storage: optuna.storages.BaseStorage, study_id: int, number: int) -> optuna.trial.FrozenTrial:
     return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
-
-
-def original_number(trial: optuna.trial.FrozenTrial) -> int:
-    """The number of the trial this one retries (the first of a retry chain), or its own number."""
-    failed = trial.system_attrs.get("failed_trial")
-    return int(failed) if failed is not None else trial.number
 
 
 def _sample(trial: optuna.Trial, name: str, dist: Distribution) -> Value:
@@ -217,6 +219,8 @@ class Objective:
         logger.info(
             "training in %s on %s ([train] precision = %r)", self.precision, device_name(device), spec.train.precision
         )
+        # [pruner] type = "promotion_halving": hpo pauses trials at the rungs instead of asking Optuna's pruner.
+        self.promotion = Promotion.of(spec)
         self._study_id: int | None = None
         self._checkpoints: dict[int, Path] = {}  # trial number → its checkpoint, until the trial ends
         self._curves: optuna.Study | None = None  # multi-objective: the curves study (open_curves_study)
@@ -250,11 +254,16 @@ class Objective:
         if too_many is not None:
             trial.set_user_attr("fail_reason", too_many)
             raise TrialFailed("surplus")
-        # A retried trial (its worker died) keeps the seed and the checkpoint of the trial it retries. Only a retry
-        # (Requeue gives it FAILURES_ATTR) needs the stored trial and its original: a new one has what it needs.
+        # A retried trial (its worker died) or a resumed one (promoted from a pause) keeps the seed and the checkpoint
+        # of the first trial of its lineage. Only those (Requeue gives them FAILURES_ATTR, a promotion PROMOTED_ATTR)
+        # need the stored trial and its original: a new one has what it needs.
         number, started = trial.number, trial.datetime_start
-        if FAILURES_ATTR in trial.user_attrs:
+        if FAILURES_ATTR in trial.user_attrs or PROMOTED_ATTR in trial.user_attrs:
             stored = stored_trial(trial, self.study_id(trial))
+            twice = duplicate(stored, trial.study.get_trials(deepcopy=False)) if PROMOTED_ATTR in trial.user_attrs else None
+            if twice is not None:  # two workers promoted the same paused trial at once: the later one does not train
+                trial.set_user_attr("fail_reason", twice)
+                raise TrialFailed("duplicate")
             number = original_number(stored)
             if number != trial.number:
                 started = _trial_by_number(trial.storage, self.study_id(trial), number).datetime_start
@@ -268,11 +277,31 @@ class Objective:
     def on_trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """After the worker told the result: a finished trial's checkpoint is no longer needed.
 
-        A failed one's is kept, since its retry resumes from it.
+        A failed one's is kept, since its retry resumes from it, and a paused one's, which a promotion resumes.
         """
         path = self._checkpoints.pop(trial.number, None)
-        if path is not None and trial.state in FINISHED_STATES:
+        if path is not None and trial.state in FINISHED_STATES and PAUSED_ATTR not in trial.user_attrs:
             path.unlink(missing_ok=True)
+
+    def drop_paused_checkpoints(self, study: optuna.Study, budget: int) -> int:
+        """Promotion halving, once the budget is met and no paused trial is due: those paused stay paused (nothing
+        runs that could promote them), so their checkpoints are deleted; how many were.  Kept otherwise (a run that
+        timed out goes on later).  Should a larger budget promote one after all, it trains again from its seed."""
+        if self.promotion is None:
+            return 0
+        trials = study.get_trials(deepcopy=False)
+        if finished_configurations(trials) < budget or self.promotion.next_promotion(trials) is not None:
+            return 0
+        by_number = {t.number: t for t in trials}
+        dropped = 0
+        for tip in lineage_tips(trials):
+            if tip.state == optuna.trial.TrialState.PRUNED and PAUSED_ATTR in tip.user_attrs:
+                first = by_number[original_number(tip)]
+                path = self.checkpoint_path(first.number, first.datetime_start)
+                if path.is_file():
+                    path.unlink()
+                    dropped += 1
+        return dropped
 
     def _curve_trial(self, trial: optuna.Trial) -> optuna.Trial:
         """A multi-objective trial's twin in the curves study, linked both ways by user attrs."""
@@ -487,6 +516,9 @@ class TrialRun:
             return  # the storage is away: train on, report these epochs once it is back
         if result.epoch >= self.objective.spec.train.max_epochs:
             return  # trained to the end: a verdict now saves nothing and would turn a finished result into PRUNED
+        if self.objective.promotion is not None:
+            self._judge_rung(self.objective.promotion, result)
+            return
         if not may_prune_at(self.objective.spec.pruner, result.epoch):
             return  # the pruner would answer "no" without looking: not worth its read of every trial
         # The pruner may read the trials Optuna cached for this trial, so success proves nothing.
@@ -496,6 +528,20 @@ class TrialRun:
         )
         if reachable and prune:
             raise self._pruned_by_pruner(result)
+
+    def _judge_rung(self, promotion: Promotion, result: EpochResult) -> None:
+        """At a rung: train on when in its top, else pause (PRUNED, checkpoint kept) until promoted."""
+        if result.epoch not in promotion.rungs:
+            return
+        trial = self.trial
+        reachable, trials = self.objective.guard.attempt(
+            f"rank trial {trial.number} at its rung", lambda: trial.study.get_trials(deepcopy=False)
+        )
+        if not reachable or trials is None or promotion.goes_on(trials, self.number, result.epoch):
+            return  # in the top (or the storage away: train on, as when a pruner cannot be asked)
+        place = f"not in the top 1/{promotion.reduction_factor} of the trials at epoch {result.epoch} yet"
+        self.recorder.set(**{PAUSED_ATTR: result.epoch})
+        raise self._pruned(f"paused at epoch {result.epoch}: {place}; resumed from its checkpoint if promoted")
 
     def _constrain(self, values: list[float]) -> None:
         """Record the constraint values: a user attr (queued), and on Optuna 5 the trial's own constraints."""

@@ -31,7 +31,7 @@ STARTED_AT_ATTR = "started_at_epoch"
 # Optuna >= 4.9 names the callback RetryHeartbeatStaleTrialCallback, and RDBStorage's argument for it
 # heartbeat_stale_trial_callback; older versions RetryFailedTrialCallback and failed_trial_callback.
 _NEW_NAMES = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
-_RETRY_CALLBACK = (
+RETRY_CALLBACK = (
     optuna.storages.RetryHeartbeatStaleTrialCallback if _NEW_NAMES else optuna.storages.RetryFailedTrialCallback
 )
 STALE_CALLBACK_ARG = "heartbeat_stale_trial_callback" if _NEW_NAMES else "failed_trial_callback"
@@ -54,7 +54,7 @@ class Requeue:
         queued.set_user_attr(FAILURES_ATTR, failures)
         queued.set_user_attr(STARTED_AT_ATTR, epochs)
         # No limit of Optuna's own: the count above is the limit.
-        _RETRY_CALLBACK(max_retry=None, inherit_intermediate_values=True)(study, queued)
+        RETRY_CALLBACK(max_retry=None, inherit_intermediate_values=True)(study, queued)
 
 
 def retry_callback(*, interrupted: bool = False) -> Requeue:

@@ -23,6 +23,7 @@ from hpo.studyfile.samplers import (
     NsgaIISamplerSpec,
     PatientPrunerSpec,
     PercentilePrunerSpec,
+    PromotionHalvingPrunerSpec,
     QmcSamplerSpec,
     RandomSamplerSpec,
     SuccessiveHalvingPrunerSpec,
@@ -32,7 +33,7 @@ from hpo.studyfile.samplers import (
 from hpo.studyfile.space import Choice, Distribution, Fixed, FloatRange, IntRange, grid
 from hpo.studyfile.spec import DIRECTIONS, Overrides, StudySpec
 from hpo.studyfile.stored import STARTED_WITH_ATTR, changes, refusal, started_with
-from hpo.tuning.budget import FINISHED_STATES
+from hpo.tuning.budget import finished_configurations
 from hpo.tuning.outage import absorb_start_race
 from hpo.tuning.pareto import CONSTRAINTS_ON_TRIALS, AttrConstraints, curves_study_name
 from hpo.tuning.storage import check_existing_storage, open_storage, redact
@@ -85,6 +86,8 @@ PRUNER_CLASSES: dict[type, type[optuna.pruners.BasePruner]] = {
     PatientPrunerSpec: optuna.pruners.PatientPruner,
     ThresholdPrunerSpec: optuna.pruners.ThresholdPruner,
     NopPrunerSpec: optuna.pruners.NopPruner,
+    # Optuna's pruner is never asked: hpo pauses and promotes at the rungs (hpo.tuning.promotion).
+    PromotionHalvingPrunerSpec: optuna.pruners.NopPruner,
 }
 
 
@@ -117,6 +120,8 @@ def pruner_options(spec: StudySpec) -> dict[str, Any]:
         options["min_resource"] = "auto"  # estimated from the first finished trial
     if isinstance(pruner, HyperbandPrunerSpec) and pruner.max_resource is None:
         options["max_resource"] = spec.train.max_epochs
+    if isinstance(pruner, PromotionHalvingPrunerSpec):
+        return {}
     if isinstance(pruner, PatientPrunerSpec):
         options["wrapped_pruner"] = None  # patience alone decides
     return options
@@ -313,5 +318,6 @@ def load_existing_study(url: str, source: str, name: str, *, flag: str) -> optun
 
 
 def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+    """Configurations finished for the budget (hpo.tuning.budget): a resumed or retried trial's lineage counts once."""
+    return finished_configurations(study.get_trials(deepcopy=False))
 

@@ -28,6 +28,7 @@ from hpo.tuning.heartbeat import Heartbeat, ProgressClock, Reaper
 from hpo.tuning.objective import TrialAbandoned, TrialFailed
 from hpo.tuning.outage import StorageGuard
 from hpo.tuning.pareto import curves_study_name, values_text
+from hpo.tuning.promotion import Promotion, promote
 from hpo.tuning.retry import retry_callback
 from hpo.tuning.study import grid_exhausted
 
@@ -97,8 +98,10 @@ class _Worker:
         clock: ProgressClock | None = None,
         stall_timeout: float = float("inf"),
         facts: Mapping[str, object] | None = None,
+        promotion: Promotion | None = None,
     ) -> None:
         self.study = study
+        self.promotion = promotion
         self.clock = clock
         self.stall_timeout = stall_timeout
         self.storage = storage
@@ -149,6 +152,16 @@ class _Worker:
         if heartbeat is not None:
             heartbeat.start()
         return heartbeat
+
+    def promote(self) -> bool:
+        """Promotion halving: queue the resumption of the paused trial due for it, if any (True)."""
+        if self.promotion is None:
+            return False
+        paused = self.promotion.next_promotion(self.study.get_trials(deepcopy=False))
+        if paused is None:
+            return False
+        promote(self.study, paused)
+        return True
 
     def _tell(self, number: int, value: float | None, state: TrialState) -> optuna.trial.FrozenTrial:
         return self.guard.call(
@@ -240,6 +253,7 @@ def run_worker(
     clock: ProgressClock | None = None,
     stall_timeout: float = float("inf"),
     facts: Mapping[str, object] | None = None,
+    promotion: Promotion | None = None,
 ) -> int:
     """Run trials until the study has ``budget`` finished ones (or ``timeout`` s pass); return how many ran.
 
@@ -248,10 +262,12 @@ def run_worker(
     longer than the guard's patience raises StorageUnavailable.  With a ``clock`` that the objective
     touches at every epoch, a trial that makes no progress for ``stall_timeout`` seconds stops beating.
     ``facts``: what every trial's claim records besides host and pid (``Objective.worker_facts``).
+    ``promotion``: promotion halving's rule (``Objective.promotion``): before a new trial, and once the budget is
+    met, a paused trial due for promotion is resumed first.
     """
     worker = _Worker(
         study=study, storage=storage, guard=guard, objective=objective, heartbeat_interval=heartbeat_interval,
-        callbacks=callbacks, clock=clock, stall_timeout=stall_timeout, facts=facts,
+        callbacks=callbacks, clock=clock, stall_timeout=stall_timeout, facts=facts, promotion=promotion,
     )
     previous = {signum: signal.signal(signum, worker.stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     reaper = None
@@ -279,10 +295,12 @@ def _loop(worker: _Worker, *, budget: int, deadline: float | None) -> int:
         worker.stop.raise_if_requested()
         with worker.study_lock:
             tally = worker.guard.call("count the study's trials", lambda: Tally.of(worker.study))
-            step = tally.next(budget)
+            # A promotion resumes a configuration the budget already counts: it goes first, even past the budget.
+            promoted = worker.guard.call("look for a paused trial to promote", worker.promote)
+            step = Next.START if promoted else tally.next(budget)
             if step is Next.STOP:
                 break
-            if worker.guard.call("look at the grid", lambda: grid_exhausted(worker.study)):
+            if not promoted and worker.guard.call("look at the grid", lambda: grid_exhausted(worker.study)):
                 logger.info("every point of the grid has been tried: stopping below the budget of %d", budget)
                 break
             trial = worker._ask() if step is Next.START else None
