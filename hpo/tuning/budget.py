@@ -47,10 +47,12 @@ def lineage_tips(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.tria
     instant) leaves a sibling: the lower-numbered one carries the lineage, the other fails as a duplicate.
     """
     successor: dict[int, optuna.trial.FrozenTrial] = {}
-    for trial in sorted(trials, key=lambda t: t.number):
+    for trial in trials:
         before = predecessor(trial)
-        if before is not None and before not in successor:
+        if before is not None and (before not in successor or trial.number < successor[before].number):
             successor[before] = trial
+    if not successor:  # no retry, no resumption: every trial is its own lineage (most studies; one pass)
+        return list(trials)
     tips = []
     for trial in trials:
         if predecessor(trial) is None:
