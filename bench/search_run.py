@@ -69,7 +69,8 @@ def outcome(
     before = {t.number: predecessor(t) for t in trials}
     inherited = sum(len(by_number[p].intermediate_values) for p in before.values() if p in by_number)
     epochs = sum(len(t.intermediate_values) for t in trials) - inherited
-    configurations = [t for t in trials if t.number not in set(before.values())]
+    resumed = set(before.values())  # trials another one went on from: their configuration counts as that one
+    configurations = [t for t in trials if t.number not in resumed]
     curve: list[tuple[float, float]] = []
     best = -math.inf
     for t in complete:
