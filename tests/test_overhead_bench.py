@@ -5,7 +5,6 @@ Never asserts a speed: only that each variant ran its trials and that the table 
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ def test_overhead_bench_tables_this_tree_an_older_one_and_plain_optuna(tmp_path:
     for row in rows:
         calls, epochs = float(row[3]), float(row[8])
         assert calls > 0 and 1 <= epochs <= 2, f"every variant stored its trials and their epochs: {row}"
-        # The times are printed as numbers in their units; their size is what the bench is for, not this test.
-        assert (row[5], row[7], row[10]) == ("ms", "ms", "s") and all(math.isfinite(float(row[i])) for i in (4, 6, 9)), row
+        # The time columns are printed in their units; what they say is the bench's business, not this test's.
+        assert (row[5], row[7], row[10]) == ("ms", "ms", "s"), row
         assert row[-1].endswith("x")
     assert all(row[-1] == "1.00x" for row in rows if row[2] == "optuna")

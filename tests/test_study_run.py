@@ -35,7 +35,7 @@ def test_tiny_study_end_to_end(tmp_path: Path, image_archive: Path, capsys: pyte
         attrs = trial.user_attrs
         assert {"seed", "val_accuracy", "seconds_per_epoch", "images_per_second", "params", "worker"} <= set(attrs)
         assert attrs["worker"]["device"] == "cpu" and attrs["worker"]["trial"] == trial.number and attrs["params"] > 0
-        assert 0.0 <= attrs["val_accuracy"] <= 1.0 and isinstance(attrs["images_per_second"], float)
+        assert 0.0 <= attrs["val_accuracy"] <= 1.0
         assert set(trial.params) >= {"lr", "batch_size", "depth", "optimizer"}
     assert len({t.user_attrs["seed"] for t in study.trials}) == 3, "every trial has its own seed"
     out = capsys.readouterr().out
