@@ -66,7 +66,7 @@ class Summary:
 def summarize(study: optuna.Study, *, storage_shown: str, metric: str, max_epochs: int) -> Summary:
     from optuna.trial import TrialState
 
-    from hpo.tuning.budget import FINISHED_STATES, finished_configurations, lineage_tips
+    from hpo.tuning.budget import FINISHED_STATES, lineage_tips
     from hpo.tuning.pareto import curve, objective_names, pareto_front
     from hpo.tuning.records import best_curve_epoch
     from hpo.tuning.study import MODEL_ATTR
@@ -92,8 +92,8 @@ def summarize(study: optuna.Study, *, storage_shown: str, metric: str, max_epoch
             val_accuracy=accuracy if isinstance(accuracy, float) else None,
             best_epoch=epoch if isinstance(epoch, int) else None,
         )
-    trained = sum(len(curve(t)) for t in lineage_tips(trials) if t.state in FINISHED_STATES)  # per configuration
-    without = finished_configurations(trials) * max_epochs
+    configurations = [t for t in lineage_tips(trials) if t.state in FINISHED_STATES]  # a resumed one once
+    trained, without = sum(len(curve(t)) for t in configurations), len(configurations) * max_epochs
     return Summary(
         study=study.study_name,
         storage=storage_shown,

@@ -40,17 +40,20 @@ def predecessor(trial: optuna.trial.FrozenTrial) -> int | None:
     return int(history[-1]) if history else None
 
 
-def lineage_tips(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """The last trial of every lineage: the one whose state is the configuration's.
-
-    A trial queued twice to go on from the same one (two workers promoting one paused trial in the same
-    instant) leaves a sibling: the lower-numbered one carries the lineage, the other fails as a duplicate.
-    """
+def _successors(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[int, optuna.trial.FrozenTrial]:
+    """Trial number → the trial that carries its lineage on: of several queued to go on from it (two workers
+    promoting one paused trial in the same instant), the lowest-numbered; the others are duplicates."""
     successor: dict[int, optuna.trial.FrozenTrial] = {}
     for trial in trials:
         before = predecessor(trial)
         if before is not None and (before not in successor or trial.number < successor[before].number):
             successor[before] = trial
+    return successor
+
+
+def lineage_tips(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The last trial of every lineage: the one whose state is the configuration's."""
+    successor = _successors(trials)
     if not successor:  # no retry, no resumption: every trial is its own lineage (most studies; one pass)
         return list(trials)
     tips = []
@@ -65,11 +68,9 @@ def lineage_tips(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.tria
 def duplicate(trial: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.FrozenTrial]) -> str | None:
     """Why ``trial`` is a second trial queued to go on from the same one (and must not train it twice), or None."""
     before = predecessor(trial)
-    if before is None:
-        return None
-    first = min((t.number for t in trials if predecessor(t) == before), default=trial.number)
-    if first < trial.number:
-        return f"duplicate: trial {first} already goes on from trial {before}"
+    first = _successors(trials).get(before) if before is not None else None
+    if first is not None and first.number < trial.number:
+        return f"duplicate: trial {first.number} already goes on from trial {before}"
     return None
 
 
@@ -88,7 +89,10 @@ class Tally:
 
     @classmethod
     def of(cls, study: optuna.Study) -> Tally:
-        every = study.get_trials(deepcopy=False)
+        return cls.count(study.get_trials(deepcopy=False))
+
+    @classmethod
+    def count(cls, every: Sequence[optuna.trial.FrozenTrial]) -> Tally:
         trials = lineage_tips(every)
         states = [trial.state for trial in trials]
         return cls(
@@ -118,12 +122,10 @@ def surplus(trial: optuna.Trial, budget: int) -> str | None:
     if trial.number < budget:
         return None
     trials = trial.study.get_trials(deepcopy=False)
-    first = {}  # lineage → its lowest trial number
-    for t in trials:
-        first[original_number(t)] = min(first.get(original_number(t), t.number), t.number)
     own = next((original_number(t) for t in trials if t.number == trial.number), trial.number)
+    # A lineage's first trial, whose number original_number gives, is its lowest-numbered one.
     ahead = sum(
-        tip.state in HOLDING_STATES and first[original_number(tip)] < trial.number
+        tip.state in HOLDING_STATES and original_number(tip) < trial.number
         for tip in lineage_tips(trials) if original_number(tip) != own
     )
     if ahead >= budget:

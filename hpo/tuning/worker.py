@@ -153,11 +153,11 @@ class _Worker:
             heartbeat.start()
         return heartbeat
 
-    def promote(self) -> bool:
+    def promote(self, trials: Sequence[optuna.trial.FrozenTrial]) -> bool:
         """Promotion halving: queue the resumption of the paused trial due for it, if any (True)."""
         if self.promotion is None:
             return False
-        paused = self.promotion.next_promotion(self.study.get_trials(deepcopy=False))
+        paused = self.promotion.next_promotion(trials)
         if paused is None:
             return False
         promote(self.study, paused)
@@ -294,9 +294,10 @@ def _loop(worker: _Worker, *, budget: int, deadline: float | None) -> int:
     while deadline is None or time.monotonic() < deadline:
         worker.stop.raise_if_requested()
         with worker.study_lock:
-            tally = worker.guard.call("count the study's trials", lambda: Tally.of(worker.study))
+            trials = worker.guard.call("count the study's trials", lambda: worker.study.get_trials(deepcopy=False))
+            tally = Tally.count(trials)
             # A promotion resumes a configuration the budget already counts: it goes first, even past the budget.
-            promoted = worker.guard.call("look for a paused trial to promote", worker.promote)
+            promoted = worker.guard.call("look for a paused trial to promote", lambda: worker.promote(trials))
             step = Next.START if promoted else tally.next(budget)
             if step is Next.STOP:
                 break
